@@ -1,0 +1,54 @@
+"""The ``opsd`` command line.
+
+Each command group lives next to the code it drives, in a module listed in ``COMMAND_MODULES``
+that defines ``register(subparsers)``: it adds its parser(s) and sets the defaults ``func`` (takes
+the parsed arguments, returns an exit code) and ``user_errors`` (exception types that are the
+user's to fix: printed as one clear message with exit code 2, never as a traceback). A command
+with an ``overrides`` positional (``nargs="*"``) receives every dotted ``key=value`` word of the
+command line, before or after its options.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "megatron_opsd.data.preview",  # opsd data preview
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opsd", description="On-Policy Self-Distillation on Megatron-core")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(commands)
+    return parser
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse; ``key=value`` words anywhere after the options join ``args.overrides`` of commands that take them."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    stray = [w for w in rest if w.startswith("-") or "=" not in w]
+    if stray or (rest and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except args.user_errors as exc:
+        print(f"opsd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""``opsd data preview CONFIG [--rows N] [key=value ...]``: look at the data before renting a cluster.
+
+Renders the student and teacher prompts of the first N problems training would draw, with token
+counts; measures prompt lengths and the length policy over the whole data set; reports the packing
+efficiency with each reference solution (+ EOS) standing in for the rollout. Any validation error
+of the data set fails the command with the message that names the row and field.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from megatron_opsd.config import ConfigError, load_config
+from megatron_opsd.data.packing import PackingConfig, PackingError, assign_micro_batches
+from megatron_opsd.data.prompts import PromptBuilder, PromptConfig, PromptError
+from megatron_opsd.data.sources import DataConfig, DataError, ProblemIterator, load_problems
+from megatron_opsd.section import Section
+
+
+class PreviewConfig(Section):
+    """The data-side subtree of a training config: what ``opsd data preview`` reads."""
+
+    tokenizer: str
+    data: DataConfig
+    prompts: PromptConfig = PromptConfig()
+    packing: PackingConfig = PackingConfig()
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    data = commands.add_parser("data", help="inspect a data set")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    p = sub.add_parser("preview", help="render prompts, token counts and packing efficiency; fail on invalid rows")
+    p.add_argument("config", type=Path, help="YAML config with tokenizer, data, prompts, packing")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.split=test")
+    p.add_argument("--rows", type=int, default=3, help="problems to render (default 3)")
+    p.add_argument("--step-samples", type=int, default=256, help="pairs packed together, as in one training step")
+    p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, PackingError))
+
+
+def _summary(values: list[int]) -> str:
+    return f"min {min(values)} / median {int(statistics.median(values))} / max {max(values)}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    cfg = load_config(PreviewConfig, args.config, args.overrides)
+    problems = load_problems(cfg.data)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    builder = PromptBuilder(tokenizer, cfg.prompts)
+    p = cfg.prompts
+    print(f"data: {problems.label}: {problems.num_rows} rows, {len(problems)} usable, {problems.num_skipped} skipped")
+    print(f"tokenizer: {cfg.tokenizer} ({len(tokenizer)} tokens)")
+    print(f"prompts: template {p.template}, student thinking {'on' if p.student_thinking else 'off'}, "
+          f"teacher thinking {'on' if p.teacher_thinking else 'off'}, limits {p.max_student_prompt_tokens} / "
+          f"{p.max_teacher_prompt_tokens} tokens, over-long teacher prompt: {p.overlong_teacher}")
+
+    for item in ProblemIterator(problems, cfg.data.seed, cfg.data.shuffle).take(min(args.rows, len(problems))):
+        student, teacher = builder.student_ids(item), builder.teacher_ids(item)
+        print(f"\n===== row {item.index} (answer: {item.answer}) =====")
+        print(f"----- student prompt: {len(student)} tokens -----\n{tokenizer.decode(student)}")
+        print(f"----- teacher prompt: {len(teacher)} tokens -----\n{tokenizer.decode(teacher)}")
+
+    builder.stats.clear()
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    student_lengths, teacher_lengths = [], []
+    for item in tqdm(problems.problems, desc="rendering prompts", unit="row"):
+        response = len(tokenizer.encode(item.solution, add_special_tokens=False)) + len(eos)
+        student_lengths.append(len(builder.student_ids(item)) + response)
+        teacher_lengths.append(len(builder.teacher_ids(item)) + response)
+    print(f"\nsequence lengths with the reference solution as response, tokens: student {_summary(student_lengths)}, "
+          f"teacher {_summary(teacher_lengths)}; teacher solutions trimmed: {builder.stats['teacher_solution_trimmed']}")
+
+    s_budget, t_budget = cfg.packing.budgets()
+    micro_batches = padded = 0
+    for start in range(0, len(problems), args.step_samples):
+        s, t = student_lengths[start:start + args.step_samples], teacher_lengths[start:start + args.step_samples]
+        micro_batches += len(assign_micro_batches(s, t, s_budget, t_budget))
+        padded += sum(max(s[i:i + 8]) * len(s[i:i + 8]) for i in range(0, len(s), 8))
+    print(f"packing, {args.step_samples} pairs per step into budgets of {s_budget} / {t_budget} tokens: "
+          f"{micro_batches} micro-batches, filled to {sum(student_lengths) / (micro_batches * s_budget):.1%} / "
+          f"{sum(teacher_lengths) / (micro_batches * t_budget):.1%} (student / teacher; rows are not padded "
+          f"beyond the TP multiple); per-sample padding to the longest of 8 would be "
+          f"{sum(student_lengths) / padded:.1%} non-pad")
+    return 0

@@ -1,0 +1,80 @@
+"""The shipped arithmetic data and tokenizer: correct, reproducible from the script, usable offline."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("make_math_data", REPO / "tools" / "make_math_data.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(split: str) -> list[dict]:
+    with open(DATA / "arith" / f"{split}.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_data_is_reproducible_from_the_script():
+    train, test = _script().generate(seed=0, n_train=4000, n_test=500)
+    assert train == _rows("train") and test == _rows("test")
+
+
+def test_tokenizer_is_reproducible_from_the_script(tmp_path):
+    _script().train_tokenizer(_rows("train"), tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / name).read_bytes() == (DATA / "tokenizer" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_every_step_is_correct_and_the_answer_is_boxed(split):
+    ops = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "/": int.__floordiv__}
+    kinds = set()
+    for row in _rows(split):
+        kinds.add(row["kind"])
+        lines = row["solution"].split("\n")
+        assert lines[-1] == f"The answer is \\boxed{{{row['answer']}}}."
+        assert 2 <= len(lines) - 1 <= 3
+        last = None
+        for line in lines[:-1]:
+            (a, op, b, c), = re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", line)
+            a, b, c = int(a), int(b), int(c)
+            assert ops[op](a, b) == c and (op != "/" or a % b == 0) and c >= 0
+            last = c
+        assert str(last) == row["answer"]
+    assert len(kinds) == 10
+
+
+def test_splits_are_disjoint():
+    train = {r["problem"] for r in _rows("train")}
+    test = {r["problem"] for r in _rows("test")}
+    assert len(train) == 4000 and len(test) == 500 and not train & test
+
+
+@pytest.mark.parametrize("cls", [AutoTokenizer, PreTrainedTokenizerFast])
+def test_tokenizer_loads_offline_with_chat_special_tokens(cls):
+    tok = cls.from_pretrained(DATA / "tokenizer")
+    assert len(tok) <= 1024 and tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    for special in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"):
+        assert len(tok.encode(special, add_special_tokens=False)) == 1, special
+    text = "Tom has 12 apples.\nThe answer is \\boxed{17}."
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    assert [tok.decode([i]) for i in tok.encode("123", add_special_tokens=False)] == ["1", "2", "3"]
+    chat = [{"role": "user", "content": "Hi"}]
+    off = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    on = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    assert on == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert off == on + "<think>\n\n</think>\n\n"
+    assert tok.decode(tok.encode(off, add_special_tokens=False), skip_special_tokens=True) == "user\nHi\nassistant\n<think>\n\n</think>\n\n"

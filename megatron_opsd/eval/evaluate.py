@@ -1,0 +1,205 @@
+"""Sample k responses per problem from a rollout engine and report Avg@k, pass@k and maj@k.
+
+- Avg@k: mean accuracy over all k samples of all problems (the paper's headline metric).
+- pass@k': the unbiased estimator 1 - C(n-c, k')/C(n, k') per problem (n samples, c correct),
+  for k' <= n, averaged over problems; lower k' than n gives lower-variance numbers than
+  sub-sampling would.
+- maj@k: majority vote over the extracted answers of the k samples, answers grouped by
+  math-verify equivalence; see :func:`majority_score` for ties and samples without an answer.
+
+Defaults follow the paper's protocol: k=12, temperature 1.0, top_p 0.95, no top-k, up to 38,912
+new tokens; thinking on is the prompt builder's ``eval_thinking`` (default true).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field, model_validator
+from tqdm import tqdm
+
+from megatron_opsd.data.prompts import PromptBuilder
+from megatron_opsd.data.sources import Problem
+from megatron_opsd.eval.grader import answers_match, extract_boxed, grade
+from megatron_opsd.rollout.engine import RolloutEngine, SamplingParams
+from megatron_opsd.section import Section
+
+
+class EvalConfig(Section):
+    k: int = Field(default=12, ge=1, description="samples per problem (Avg@k, maj@k)")
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    top_k: int = Field(default=-1, description="-1: no top-k truncation")
+    max_new_tokens: int = Field(default=38912, ge=1)
+    pass_at: list[int] | None = Field(
+        default=None, description="k' values for pass@k'; default: powers of two below k, and k")
+    batch_size: int = Field(default=32, ge=1, description="problems per generate call")
+    stop_tokens: list[str] | None = Field(default=None, description="stop tokens; default: the tokenizer's EOS")
+    seed: int = 0
+    save_responses: bool = Field(default=True, description="keep every decoded response in the report")
+
+    @model_validator(mode="after")
+    def _check_pass_at(self) -> EvalConfig:
+        bad = [j for j in self.pass_at or () if not 1 <= j <= self.k]
+        if bad:
+            raise ValueError(f"pass_at values {bad} must lie in [1, k={self.k}]")
+        return self
+
+    def pass_at_values(self) -> list[int]:
+        if self.pass_at is not None:
+            return sorted(set(self.pass_at))
+        return sorted({2 ** i for i in range(self.k.bit_length()) if 2 ** i < self.k} | {self.k})
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``c`` correct of ``n`` samples: 1 - C(n-c, k) / C(n, k).
+
+    Computed as a product of ratios, 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms the
+    (astronomically large) binomials.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def vote(answers: Sequence[str | None]) -> list[tuple[str, int]]:
+    """Group answers by equivalence; (first answer of each group, group size), in order of first appearance.
+
+    Each answer joins the first earlier group whose first answer it matches (math-verify
+    equivalence is not guaranteed transitive, so groups are anchored on their first member).
+    ``None`` (no boxed answer) casts no vote.
+    """
+    groups: list[list[Any]] = []
+    for answer in answers:
+        if answer is None:
+            continue
+        for group in groups:
+            if answers_match(group[0], answer):
+                group[1] += 1
+                break
+        else:
+            groups.append([answer, 1])
+    return [(a, n) for a, n in groups]
+
+
+def majority_score(answers: Sequence[str | None], reference: str) -> float:
+    """maj@k credit of one problem: 1 if the most frequent answer is correct, 0 if not.
+
+    Ties: m groups tied for the most votes, c of them correct, score c/m, the expected score of
+    a uniformly random tie-break; so the result does not depend on the order of the samples.
+    No sample with an answer: 0.
+    """
+    groups = vote(answers)
+    if not groups:
+        return 0.0
+    top = max(n for _, n in groups)
+    leaders = [a for a, n in groups if n == top]
+    return sum(answers_match(reference, a) for a in leaders) / len(leaders)
+
+
+def reference_of(problem: Problem) -> str:
+    """The gold answer: the row's answer field, else the last ``\\boxed{}`` of its solution."""
+    if problem.answer is not None:
+        return problem.answer
+    boxed = extract_boxed(problem.solution)
+    if boxed is None:
+        raise ValueError(f"row {problem.index}: no answer field and no \\boxed{{}} in the solution; cannot grade")
+    return boxed
+
+
+def _stop_ids(tokenizer: Any, tokens: list[str] | None) -> tuple[int, ...]:
+    tokens = tokens if tokens is not None else [tokenizer.eos_token]
+    ids = []
+    for token in tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token) if token is not None else None
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"stop token {token!r} is not in the tokenizer's vocabulary")
+        ids.append(token_id)
+    return tuple(ids)
+
+
+def _batch_seed(seed: int, batch: int) -> int:
+    return int(np.random.SeedSequence((seed, batch)).generate_state(1)[0])
+
+
+def evaluate(
+    engine: RolloutEngine,
+    problems: Sequence[Problem],
+    prompt_builder: PromptBuilder,
+    cfg: EvalConfig,
+    *,
+    out: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Sample ``cfg.k`` responses per problem, grade them, and return (and write to ``out``) the report.
+
+    The report holds the metrics (``avg@k``, ``pass@k'`` for each k', ``maj@k``), the rates of
+    responses without a boxed answer and of truncated ones, the sampling settings, the engine's
+    weight version, and per problem the answers, grades, finish reasons and lengths.
+    """
+    if not problems:
+        raise ValueError("nothing to evaluate: no problems")
+    references = [reference_of(p) for p in problems]
+    tokenizer = prompt_builder.tokenizer
+    params = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
+                  stop_token_ids=_stop_ids(tokenizer, cfg.stop_tokens), n=cfg.k)
+    rows: list[dict[str, Any]] = []
+    starts = range(0, len(problems), cfg.batch_size)
+    for b, start in enumerate(tqdm(starts, desc="eval", unit="batch", disable=not progress)):
+        chunk = problems[start:start + cfg.batch_size]
+        sampling = SamplingParams(**params, seed=_batch_seed(cfg.seed, b))
+        rollouts = engine.generate([prompt_builder.eval_ids(p) for p in chunk], sampling)
+        if len(rollouts) != len(chunk) or any(len(s) != cfg.k for s in rollouts):
+            raise RuntimeError(f"engine returned {[len(s) for s in rollouts]} rollouts for {len(chunk)} prompts, "
+                               f"expected {cfg.k} each")
+        for problem, reference, samples in zip(chunk, references[start:start + len(chunk)], rollouts):
+            texts = [tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in samples]
+            grades = [grade(t, reference) for t in texts]
+            row = {
+                "index": problem.index,
+                "reference": reference,
+                "answers": [g.answer for g in grades],
+                "correct": [g.correct for g in grades],
+                "maj": majority_score([g.answer for g in grades], reference),
+                "finish_reasons": [r.finish_reason for r in samples],
+                "response_tokens": [len(r.response_ids) for r in samples],
+            }
+            if cfg.save_responses:
+                row["responses"] = texts
+            rows.append(row)
+
+    k = cfg.k
+    metrics = {f"avg@{k}": float(np.mean([np.mean(r["correct"]) for r in rows]))}
+    for j in cfg.pass_at_values():
+        metrics[f"pass@{j}"] = float(np.mean([pass_at_k(k, sum(r["correct"]), j) for r in rows]))
+    metrics[f"maj@{k}"] = float(np.mean([r["maj"] for r in rows]))
+    samples = len(rows) * k
+    report = {
+        "metrics": metrics,
+        "num_problems": len(rows),
+        "k": k,
+        "no_answer_rate": sum(a is None for r in rows for a in r["answers"]) / samples,
+        "truncated_rate": sum(f == "length" for r in rows for f in r["finish_reasons"]) / samples,
+        "mean_response_tokens": sum(sum(r["response_tokens"]) for r in rows) / samples,
+        "weight_version": engine.health().weight_version,
+        "config": cfg.model_dump(),
+        "problems": rows,
+    }
+    if out is not None:
+        _write_json(Path(out), report)
+    return report
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically: a reader never sees a half-written report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)

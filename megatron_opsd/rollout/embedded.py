@@ -1,0 +1,250 @@
+"""An in-process rollout engine on a transformers causal LM (single machine: CPU runs, tests, the demo).
+
+Generation is a compact sampling loop over the model's forward with a KV cache rather than
+``model.generate``: the loop owns the random streams (so a seeded run is reproducible and does not
+depend on how sequences are batched) and reports exactly the log-probs defined below.
+
+- Prompts are left-padded into batches of up to ``max_batch_size`` sequences (``n`` per prompt);
+  position ids count real tokens only, so a padded prompt sees the positions it would alone.
+- Each sequence samples from its own ``torch.Generator``, seeded from ``(seed, sequence index)``
+  (sequence index = prompt index * n + sample index), with the exponential-race form of
+  categorical sampling: ``argmax(probs / Exp(1) noise)``.
+- Processing order: temperature, then top-k (``top_k <= 0``: off), then top-p; ``temperature == 0``
+  is greedy (argmax of the raw logits, the first index on exact ties).
+- A response ends with the first stop token (kept in the response, finish reason ``"stop"``) or
+  after ``max_new_tokens`` (``"length"``). Prompt plus ``max_new_tokens`` must fit the model's
+  ``max_position_embeddings``: that is an error, never a silent clip.
+
+Log-probs: each sampled token's log-prob under the temperature-scaled full-vocabulary distribution,
+``log_softmax(logits / temperature)``, taken BEFORE top-k / top-p truncation (for greedy, the
+temperature is 1). That is what the trainer recomputes from its own logits, so the
+rollout-vs-trainer mismatch measures numerics and weight sync, not truncation; it is also SGLang's
+default (without ``SGLANG_RETURN_ORIGINAL_LOGPROB``) and what slime-style trainers compare against.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
+
+from megatron_opsd.rollout.engine import EngineHealth, Rollout, SamplingParams
+from megatron_opsd.section import Section
+
+
+class EmbeddedEngineConfig(Section):
+    max_batch_size: int = Field(default=64, ge=1, description="sequences (prompts x n) per forward batch")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="parameter dtype of a model the engine builds or loads")
+
+
+class WeightSyncError(RuntimeError):
+    """A weight stream that does not fit the model; the engine refuses to generate until a good one arrives."""
+
+
+def _sequence_seed(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for sequence ``index`` of a call seeded with ``seed``."""
+    return int(np.random.SeedSequence((seed, index)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class EmbeddedEngine:
+    """:class:`~megatron_opsd.rollout.engine.RolloutEngine` on a transformers model, in this process."""
+
+    def __init__(self, model: PreTrainedModel, cfg: EmbeddedEngineConfig | None = None):
+        self.model = model.eval()
+        self.cfg = cfg or EmbeddedEngineConfig()
+        self.weight_version = 0
+        self.device = next(model.parameters()).device
+        self.vocab_size = model.config.vocab_size
+        self.context_length = model.config.max_position_embeddings
+        self._broken: str | None = None
+        # transformers 5.x renamed the forward's past_key_values to cache (the old name warns, then goes).
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    @classmethod
+    def from_hf_config(cls, hf_config: PretrainedConfig, cfg: EmbeddedEngineConfig | None = None) -> EmbeddedEngine:
+        """A randomly initialized model of ``hf_config`` (weights come later via ``update_weights``)."""
+        cfg = cfg or EmbeddedEngineConfig()
+        return cls(AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, cfg.dtype)), cfg)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, cfg: EmbeddedEngineConfig | None = None) -> EmbeddedEngine:
+        """A local HF checkpoint directory (nothing is downloaded)."""
+        cfg = cfg or EmbeddedEngineConfig()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), local_files_only=True)
+        return cls(model, cfg)
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Rollout]]:
+        """``params.n`` rollouts per prompt, in prompt order (see the module docstring for the rules)."""
+        self._check_usable()
+        for i, prompt in enumerate(prompts):
+            self._check_ids(prompt, f"prompt {i}")
+            if len(prompt) + params.max_new_tokens > self.context_length:
+                raise ValueError(
+                    f"prompt {i}: {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} exceed the model's "
+                    f"max_position_embeddings={self.context_length}")
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
+        sequences = [list(p) for p in prompts for _ in range(params.n)]
+        rollouts: list[Rollout] = []
+        step = self.cfg.max_batch_size
+        for start in range(0, len(sequences), step):
+            generators = [torch.Generator(self.device).manual_seed(_sequence_seed(seed, s))
+                          for s in range(start, min(start + step, len(sequences)))]
+            rollouts += self._generate_batch(sequences[start:start + step], generators, params)
+        return [rollouts[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def _generate_batch(self, prompts: list[list[int]], generators: list[torch.Generator],
+                        params: SamplingParams) -> list[Rollout]:
+        batch, width, steps = len(prompts), max(map(len, prompts)), params.max_new_tokens
+        ids = torch.zeros(batch, width, dtype=torch.long)
+        mask = torch.zeros(batch, width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = {self._cache_kwarg: DynamicCache(config=self.model.config)}
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1, **cache).logits[:, -1]
+        tokens = torch.empty(batch, steps, dtype=torch.long, device=self.device)
+        logprobs = torch.empty(batch, steps, dtype=torch.float32, device=self.device)
+        lengths = torch.full((batch,), steps, device=self.device)
+        stopped = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=self.device)
+        next_position = positions[:, -1:] + 1
+        for t in range(steps):
+            tokens[:, t], logprobs[:, t] = sample(logits.float(), params, generators)
+            hit = torch.isin(tokens[:, t], stop_ids) & ~stopped
+            lengths[hit] = t + 1
+            stopped |= hit
+            if t == steps - 1 or bool(stopped.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            logits = self.model(input_ids=tokens[:, t:t + 1], attention_mask=mask, position_ids=next_position,
+                                use_cache=True, **cache).logits[:, -1]
+            next_position = next_position + 1
+        tokens, logprobs, lengths = tokens.tolist(), logprobs.tolist(), lengths.tolist()
+        return [Rollout(tuple(tokens[r][:lengths[r]]), tuple(logprobs[r][:lengths[r]]),
+                        "stop" if stopped[r] else "length") for r in range(batch)]
+
+    @torch.no_grad()
+    def logprobs(self, sequences: Sequence[Sequence[int]], temperature: float = 1.0) -> list[torch.Tensor]:
+        """Teacher-forced log-probs (fp32, CPU) of tokens ``1..len-1`` of each sequence under
+        ``log_softmax(logits / temperature)``: the quantity the sampler reports, for probe checks."""
+        self._check_usable()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        for i, seq in enumerate(sequences):
+            self._check_ids(seq, f"sequence {i}")
+            if len(seq) < 2:
+                raise ValueError(f"sequence {i} has {len(seq)} token(s); a log-prob needs at least 2")
+        out: list[torch.Tensor] = []
+        for start in range(0, len(sequences), self.cfg.max_batch_size):
+            chunk = [list(s) for s in sequences[start:start + self.cfg.max_batch_size]]
+            width = max(map(len, chunk))
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, seq in enumerate(chunk):  # right padding: causal attention never sees it
+                ids[row, :len(seq)] = torch.tensor(seq)
+                mask[row, :len(seq)] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            picked = torch.log_softmax(logits / temperature, dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
+            out += [picked[row, :len(seq) - 1] for row, seq in enumerate(chunk)]
+        return out
+
+    # -- weights and health ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Copy HF-named tensors into the model one at a time; every parameter must arrive exactly once.
+
+        The stream is always consumed to its end, even after an error, because the trainer's
+        exporter is a collective that every rank must finish. Any unknown name, wrong shape,
+        duplicate or missing parameter raises :class:`WeightSyncError` listing them all, and leaves
+        the engine unusable (partly updated) until a later update succeeds. Dtypes are cast.
+        """
+        params = dict(self.model.named_parameters())
+        not_params = set(self.model.state_dict()) - set(params)  # tied copies (e.g. lm_head) and buffers
+        received: set[str] = set()
+        errors: list[str] = []
+        for name, tensor in tensors:
+            param = params.get(name)
+            if not isinstance(tensor, torch.Tensor):
+                errors.append(f"{name}: not a tensor ({type(tensor).__name__})")
+            elif param is None:
+                why = "not a parameter of this model (tied or a buffer)" if name in not_params else "unknown name"
+                errors.append(f"{name}: {why}")
+            elif name in received:
+                errors.append(f"{name}: sent twice")
+            elif tuple(tensor.shape) != tuple(param.shape):
+                errors.append(f"{name}: shape {list(tensor.shape)}, the model expects {list(param.shape)}")
+            else:
+                param.copy_(tensor)
+                received.add(name)
+        missing = [name for name in params if name not in received]
+        if missing:
+            errors.append(f"{len(missing)} parameter(s) not received: {', '.join(missing)}")
+        if errors:
+            self._broken = f"weight update to version {version} failed"
+            raise WeightSyncError(f"{self._broken}:\n  " + "\n  ".join(errors))
+        self._broken = None
+        self.weight_version = version
+
+    def health(self) -> EngineHealth:
+        if self._broken:
+            return EngineHealth(ok=False, weight_version=self.weight_version, detail=self._broken)
+        params = sum(p.numel() for p in self.model.parameters())
+        dtype = next(self.model.parameters()).dtype
+        return EngineHealth(ok=True, weight_version=self.weight_version,
+                            detail=f"{type(self.model).__name__}, {params} parameters, {dtype} on {self.device}")
+
+    def _check_usable(self) -> None:
+        if self._broken:
+            raise WeightSyncError(f"{self._broken}; send a complete weight stream before generating")
+
+    def _check_ids(self, ids: Sequence[int], what: str) -> None:
+        if not ids:
+            raise ValueError(f"{what} is empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"{what}: token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+
+
+def sample(logits: torch.Tensor, params: SamplingParams,
+           generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, log-prob) per row of ``logits`` [B, V] (fp32); row ``r`` draws from ``generators[r]``."""
+    if params.temperature == 0:
+        token = logits.argmax(-1)
+        return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
+    scaled = logits / params.temperature
+    logprobs = torch.log_softmax(scaled, -1)
+    probs = torch.softmax(truncate(scaled, params.top_k, params.top_p), -1)
+    noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in generators])
+    token = (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1)  # an Exp(1) draw can be 0
+    return token, logprobs.gather(-1, token[:, None])[:, 0]
+
+
+def truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits outside the top-k (ties at the k-th value kept) and the top-p nucleus set to -inf.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``
+    (at least one token).
+    """
+    if 0 < top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1:
+        ordered, order = scaled.sort(dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
+        scaled = scaled.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
+    return scaled

@@ -16,6 +16,8 @@ import sys
 
 COMMAND_MODULES: tuple[str, ...] = (
     "megatron_opsd.data.preview",  # opsd data preview
+    "megatron_opsd.eval.cli",  # opsd eval
+    "megatron_opsd.convert",  # opsd convert
 )
 
 

@@ -1,0 +1,177 @@
+"""``opsd eval MODEL --data FILE [--k K] [--out report.json] [key=value ...]``: accuracy of a model on held-out problems.
+
+``MODEL`` is a Hugging Face directory or a Megatron model checkpoint (``opsd convert
+hf-to-megatron`` output: dist-checkpoint files plus ``hf/``). A Megatron checkpoint is loaded into
+Megatron in this process (a world of one) and streamed into the embedded engine through the same
+HF-name exporter the trainer and the conversion tool use, so what is evaluated is exactly what the
+checkpoint holds. Problems are rendered with the eval prompt and graded by :func:`evaluate`; the
+JSON report records the model and data set it came from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import Field
+
+from megatron_opsd.config import ConfigError, load_config
+from megatron_opsd.data.prompts import PromptBuilder, PromptConfig, PromptError
+from megatron_opsd.data.sources import DataConfig, DataError, Problem, load_problems
+from megatron_opsd.eval.evaluate import EvalConfig, _write_json, evaluate, reference_of
+from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
+from megatron_opsd.section import Section
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class EvalRunConfig(Section):
+    """Everything ``opsd eval`` reads (a YAML file via ``--config``, and ``key=value`` overrides)."""
+
+    data: DataConfig = Field(description="the problems; --data FILE sets data.path")
+    tokenizer: str | None = Field(default=None, description="tokenizer directory; default: the model's own files")
+    prompts: PromptConfig = PromptConfig()
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="sampling and metrics; --k sets eval.k")
+    engine: EmbeddedEngineConfig = EmbeddedEngineConfig()
+    limit: int | None = Field(default=None, ge=1, description="evaluate only the first N usable problems")
+
+
+class ModelError(ValueError):
+    """A model path that cannot be loaded: not a model, a damaged checkpoint, an unsupported config."""
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "eval", help="Avg@k, pass@k and maj@k of a model (HF directory or Megatron checkpoint) on a data set",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=config_reference())
+    p.add_argument("model", type=Path, help="Hugging Face directory or Megatron model checkpoint")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. eval.max_new_tokens=2048")
+    p.add_argument("--data", help="local jsonl/json/parquet/arrow file or save_to_disk directory (sets data.path)")
+    p.add_argument("--k", type=int, help="samples per problem (sets eval.k; default 12)")
+    p.add_argument("--out", type=Path, default=Path("eval_report.json"), help="JSON report (default: %(default)s)")
+    p.add_argument("--config", type=Path, help="YAML file with the keys below")
+    p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, ModelError))
+
+
+def config_reference(schema: type[Section] = EvalRunConfig, prefix: str = "") -> str:
+    """One line per config key with its type, default and description: the ``--help`` epilog."""
+    lines = [] if prefix else ["config keys (YAML via --config, or key=value):"]
+    for name, field in schema.model_fields.items():
+        key = prefix + name
+        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+            if field.description:
+                lines.append(f"  {key}: {field.description}")
+            lines.append(config_reference(field.annotation, key + "."))
+            continue
+        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+        kind = _type_name(field.annotation)
+        lines.append(f"  {key} ({kind}, {default})" + (f": {field.description}" if field.description else ""))
+    return "\n".join(lines)
+
+
+def _type_name(annotation: object) -> str:
+    if get_origin(annotation) is Literal:
+        return " | ".join(map(repr, get_args(annotation)))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def load_tokenizer(configured: str | None, model_files: Path) -> Any:
+    """The configured tokenizer, else the one saved with the model."""
+    from transformers import AutoTokenizer
+
+    if configured is None and not any((model_files / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{model_files} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); set tokenizer=DIR")
+    try:
+        return AutoTokenizer.from_pretrained(configured or model_files, local_files_only=True)
+    except OSError as exc:
+        raise ModelError(f"cannot load tokenizer {configured or model_files}: {exc}") from exc
+
+
+def _engine_from_megatron(path: Path, cfg: EmbeddedEngineConfig) -> tuple[EmbeddedEngine, Path]:
+    """Load the checkpoint into Megatron (one process) and stream it into a fresh engine.
+
+    Megatron is imported here, not at module level: it costs seconds that other commands should not pay.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    from megatron_opsd.models import UnsupportedConfigError, build_model, checkpoint, checkpoint_dtype, load_hf_config
+    from megatron_opsd.models.bridge import export_hf_tensors
+    from megatron_opsd.models.hf_io import CheckpointError
+    from megatron_opsd.parallel import Layout, initialize
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ModelError("opsd eval runs as a single process; start it without torchrun")
+    try:
+        hf_dir = checkpoint.hf_config_dir(path)
+        config = load_hf_config(hf_dir)
+        initialize(Layout())
+        try:
+            chunks = build_model(config, checkpoint_dtype(config))
+            checkpoint.load(chunks, path)
+            engine = EmbeddedEngine.from_hf_config(config, cfg)
+            engine.update_weights(export_hf_tensors(chunks), version=0)
+        finally:
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+    except (OSError, CheckpointError, CheckpointingException, UnsupportedConfigError) as exc:
+        raise ModelError(f"cannot load Megatron checkpoint {path}: {exc}") from exc
+    return engine, hf_dir
+
+
+def open_model(path: Path, cfg: EmbeddedEngineConfig) -> tuple[EmbeddedEngine, Path]:
+    """The engine for ``path`` and the directory holding its config and tokenizer files."""
+    if not path.is_dir():
+        raise ModelError(f"model directory {path} does not exist")
+    if (path / "config.json").is_file():
+        try:
+            return EmbeddedEngine.from_pretrained(path, cfg), path
+        except OSError as exc:  # what transformers raises for missing or unreadable files
+            raise ModelError(f"cannot load Hugging Face model {path}: {exc}") from exc
+    if (path / "metadata.json").is_file():
+        return _engine_from_megatron(path, cfg)
+    raise ModelError(
+        f"{path} is neither a Hugging Face model directory (config.json) nor a Megatron model checkpoint "
+        f"(metadata.json and hf/config.json, as written by opsd convert hf-to-megatron)")
+
+
+def _check_problems(problems: list[Problem], builder: PromptBuilder, cfg: EvalRunConfig, context: int, label: str) -> None:
+    """Fail before any sampling on a row that cannot be graded or whose prompt leaves no room to answer."""
+    errors = []
+    for problem in problems:
+        try:
+            reference_of(problem)
+        except ValueError as exc:
+            errors.append(str(exc))
+        length = len(builder.eval_ids(problem))
+        if length + cfg.eval.max_new_tokens > context:
+            errors.append(f"row {problem.index}: eval prompt of {length} tokens + eval.max_new_tokens="
+                          f"{cfg.eval.max_new_tokens} exceed the model's max_position_embeddings={context}")
+    if errors:
+        more = f"; and {len(errors) - 3} more" if len(errors) > 3 else ""
+        raise DataError(f"{label}: {'; '.join(errors[:3])}{more}")
+
+
+def run(args: argparse.Namespace) -> int:
+    flags = [f"data.path={json.dumps(args.data)}"] if args.data is not None else []
+    flags += [f"eval.k={args.k}"] if args.k is not None else []
+    cfg = load_config(EvalRunConfig, args.config, [*flags, *args.overrides])
+    problems = load_problems(cfg.data)
+    chosen = list(problems.problems[:cfg.limit])
+    engine, model_files = open_model(args.model, cfg.engine)
+    builder = PromptBuilder(load_tokenizer(cfg.tokenizer, model_files), cfg.prompts)
+    _check_problems(chosen, builder, cfg, engine.context_length, problems.label)
+
+    report = evaluate(engine, chosen, builder, cfg.eval, progress=True)
+    report = {"model": str(args.model.resolve()), "data": problems.label, **report}
+    _write_json(args.out, report)
+    k = cfg.eval.k
+    print(f"eval: {args.model} on {problems.label}: {len(chosen)} problems x {k} samples")
+    print("  " + " | ".join(f"{name} {value:.1%}" for name, value in report["metrics"].items()))
+    print(f"  no answer {report['no_answer_rate']:.1%}, truncated {report['truncated_rate']:.1%}, "
+          f"mean response {report['mean_response_tokens']:.0f} tokens")
+    print(f"report: {args.out}")
+    return 0

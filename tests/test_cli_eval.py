@@ -1,0 +1,110 @@
+"""``opsd eval`` on a tiny random HF model with the shipped tokenizer and arithmetic problems (in process)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+
+from megatron_opsd.cli import main
+from megatron_opsd.eval.cli import EvalRunConfig
+from megatron_opsd.section import Section
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_DATA = str(REPO / "data" / "arith" / "test.jsonl")
+FAST = ["--k", "2", "eval.max_new_tokens=8", "limit=3"]
+
+
+def save_tiny_chat_model(out: Path) -> Path:
+    """A random 2-layer Qwen3 over the shipped tokenizer's vocabulary, saved with that tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "data" / "tokenizer")
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         architectures=["Qwen3ForCausalLM"])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_chat_model(tmp_path_factory.mktemp("eval") / "hf")
+
+
+def _rows(tmp_path: Path, rows: list[dict]) -> str:
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_eval_writes_the_report(model_dir, tmp_path, capsys):
+    out, config = tmp_path / "report.json", tmp_path / "eval.yaml"
+    config.write_text("limit: 3\neval: {max_new_tokens: 8, temperature: 0.7}\n")
+    assert main(["eval", str(model_dir), "--config", str(config), "--data", TEST_DATA, "--k", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["model"] == str(model_dir.resolve()) and report["data"].startswith(TEST_DATA)
+    assert report["num_problems"] == 3 and report["k"] == 2 and report["config"]["max_new_tokens"] == 8
+    assert report["config"]["temperature"] == 0.7
+    assert set(report["metrics"]) == {"avg@2", "pass@1", "pass@2", "maj@2"}
+    rows = report["problems"]
+    assert [r["index"] for r in rows] == [0, 1, 2] and [r["reference"] for r in rows[:2]] == ["20", "29"]
+    assert all(len(r["responses"]) == 2 and all(0 < n <= 8 for n in r["response_tokens"]) for r in rows)
+    assert report["metrics"]["avg@2"] == pytest.approx(sum(sum(r["correct"]) for r in rows) / 6)
+    summary = capsys.readouterr().out
+    assert "3 problems x 2 samples" in summary and "avg@2 " in summary and f"report: {out}" in summary
+
+
+def test_bad_dataset_row_names_the_row(model_dir, tmp_path, capsys):
+    good = {"problem": "1 + 1?", "solution": "\\boxed{2}", "answer": "2"}
+    path = _rows(tmp_path, [good, {**good, "solution": ""}])
+    assert main(["eval", str(model_dir), "--data", path, *FAST]) == 2
+    assert "row 1: field 'solution' (path 'solution') is empty" in capsys.readouterr().err
+
+
+def test_ungradable_row_is_a_one_line_error(model_dir, tmp_path, capsys):
+    rows = [{"problem": "1 + 1?", "solution": "\\boxed{2}"}, {"problem": "2 + 2?", "solution": "four"}]
+    path = _rows(tmp_path, rows)
+    assert main(["eval", str(model_dir), "--data", path, "data.fields.answer=null", *FAST]) == 2
+    message = capsys.readouterr().err.partition("opsd: error: ")[2]  # after the data set loader's progress bar
+    assert message.startswith(f"{path} [train]: row 1: no answer field") and message.count("\n") == 1
+
+
+def test_prompt_without_room_to_answer_is_reported_before_sampling(model_dir, capsys):
+    assert main(["eval", str(model_dir), "--data", TEST_DATA, "limit=1"]) == 2  # default max_new_tokens=38912
+    err = capsys.readouterr().err
+    assert "row 0: eval prompt of" in err and "eval.max_new_tokens=38912 exceed the model's max_position_embeddings=256" in err
+
+
+def test_unknown_key_suggests_the_known_one(model_dir, capsys):
+    assert main(["eval", str(model_dir), "--data", TEST_DATA, "eval.temprature=0"]) == 2
+    assert "unknown key 'eval.temprature' (did you mean 'eval.temperature'?)" in capsys.readouterr().err
+
+
+def test_not_a_model_directory(tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--data", TEST_DATA]) == 2
+    assert f"{tmp_path} is neither a Hugging Face model directory" in capsys.readouterr().err
+
+
+def _leaf_keys(schema: type[Section], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in schema.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+            keys += _leaf_keys(field.annotation, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def test_help_documents_every_config_key(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    keys = _leaf_keys(EvalRunConfig)
+    assert len(keys) > 30 and "eval.max_new_tokens" in keys and "data.fields.solution" in keys
+    assert [k for k in keys if f"\n  {k} (" not in text] == []
+    assert "  data.source ('local' | 'hub', default 'local')" in text

@@ -1,0 +1,107 @@
+"""Megatron-core models for Hugging Face Llama-family checkpoints.
+
+Build (after ``megatron_opsd.parallel.initialize(Layout(tp, pp))``)::
+
+    chunks = build_model(hf_dir_or_config, dtype=torch.float32)    # this rank's stage(s)
+    load_hf_weights(chunks, hf_dir)                                   # any TP/PP layout
+
+Forward (``OPSDGPTModel.forward``)::
+
+    mask = attention_mask(segment_ids)                    # bool [B,1,S,S], True = masked
+    out = chunk(input_ids, position_ids, mask, output="logits" | "hidden")
+
+- RoPE follows ``position_ids`` [B, S]; packed sequences use a block-diagonal mask from their
+  segment ids and keep their own positions. (THD packing with ``PackedSeqParams`` and context
+  parallelism are not wired into this forward.)
+- With ``sequence_parallel=True`` (GPU), ``output="hidden"`` is this TP rank's sequence shard.
+- Non-last pipeline stages return the [S, B, H] activations for the next stage (Megatron's
+  schedules pass them via ``set_input_tensor``).
+- Last stage: ``output="logits"`` gives vocab-parallel logits [B, S, V_padded/TP];
+  ``output="hidden"`` gives the final-norm hidden states [B, S, H]. ``chunk.output_weight()`` is
+  this TP rank's output-layer shard [V_padded/TP, H] (the embedding when tied), covering vocab
+  rows ``[tp_rank * V_padded/TP, (tp_rank+1) * V_padded/TP)``; rows >= ``chunk.true_vocab_size``
+  are padding and must be masked out of any softmax.
+
+Weights: :mod:`megatron_opsd.models.bridge` streams HF tensors in and out
+(``load_hf_weights``, ``export_hf_tensors``); :mod:`megatron_opsd.models.checkpoint` saves and
+loads Megatron dist checkpoints that reshard across layouts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import parallel_state as ps
+from transformers import AutoConfig, PretrainedConfig
+
+from megatron_opsd.models.architectures import (
+    Architecture,
+    UnsupportedConfigError,
+    layer_spec,
+    parse_hf_config,
+    transformer_config,
+)
+from megatron_opsd.models.gpt import OPSDGPTModel, attention_mask
+
+
+def load_hf_config(hf_config_or_dir: PretrainedConfig | str | Path) -> PretrainedConfig:
+    if isinstance(hf_config_or_dir, PretrainedConfig):
+        return hf_config_or_dir
+    path = Path(hf_config_or_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {path}")
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
+    """The dtype a checkpoint's tensors are stored in (``dtype``/``torch_dtype``; fp32 if unset)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def build_model(
+    hf_config_or_dir: PretrainedConfig | str | Path,
+    dtype: torch.dtype = torch.float32,
+    *,
+    vocab_divisor: int = 128,
+    use_te: bool | None = None,
+    **config_overrides: Any,
+) -> list[OPSDGPTModel]:
+    """This rank's model chunks for the current Megatron parallel state (one chunk per rank).
+
+    Parameters are randomly initialized; load weights with ``bridge.load_hf_weights`` or
+    ``checkpoint.load``. ``config_overrides`` go to ``TransformerConfig`` (e.g. recompute).
+    """
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    arch = parse_hf_config(load_hf_config(hf_config_or_dir), tp=tp, vocab_divisor=vocab_divisor)
+    if arch.num_layers % pp:
+        raise ValueError(f"pipeline size {pp} must divide num_hidden_layers={arch.num_layers}")
+    if ps.get_context_parallel_world_size() > 1:
+        raise NotImplementedError("OPSDGPTModel.forward does not split sequences for context parallelism")
+    on_cuda = torch.cuda.is_available()
+    config = transformer_config(arch, tp=tp, pp=pp, dtype=dtype, use_cpu_initialization=not on_cuda, **config_overrides)
+    model = OPSDGPTModel(
+        config,
+        layer_spec(arch, use_te),
+        arch,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+    ).to(dtype)  # the local spec's torch norms ignore params_dtype
+    if on_cuda:
+        model.cuda()
+    return [model]
+
+
+__all__ = [
+    "Architecture",
+    "OPSDGPTModel",
+    "UnsupportedConfigError",
+    "attention_mask",
+    "build_model",
+    "checkpoint_dtype",
+    "load_hf_config",
+    "parse_hf_config",
+]

@@ -1,0 +1,386 @@
+"""OPSD per-token divergence between teacher and student next-token distributions.
+
+Two implementations of one objective:
+
+- :func:`dense_token_divergence` takes full logits ``[N, V]`` and lets autograd differentiate. It is
+  the readable reference that defines the semantics; tests run it in float64.
+- :func:`fused_token_divergence` takes final hidden states and this tensor-parallel rank's
+  output-layer shard, recomputes logits ``chunk_size`` tokens at a time and never holds more than
+  ``[chunk_size, V_local]`` of them. Only per-token statistics (max, sums) cross TP ranks, as in
+  Megatron's ``vocab_parallel_cross_entropy``. Gradients are closed-form (below).
+
+Notation, per token: ``z_S = student_logits / T`` and ``z_T = teacher_logits / T`` over the kept
+entries ``K`` (the first ``vocab_size`` rows of the padded vocabulary, further restricted to the
+teacher's top-k when ``top_k`` is set), ``p = softmax(z_S)``, ``q = softmax(z_T)`` over ``K``.
+The elementwise terms ``l_v`` and the loss ``sum_v min(l_v, tau)`` (``clip = tau``; no min when
+``clip`` is None) are:
+
+- forward KL(q || p):  ``l_v = q_v log(q_v / p_v)``
+- reverse KL(p || q):  ``l_v = p_v log(p_v / q_v)``
+- JSD_beta (GKD):      ``l_v = beta q_v log(q_v / m_v) + (1 - beta) p_v log(p_v / m_v)``,
+  ``m = beta q + (1 - beta) p``; ``beta = 0`` / ``1`` are forward / reverse KL.
+
+Gradient w.r.t. the student logits. Each ``l_v`` depends on ``p`` only through ``p_v``; with the
+clip mask ``a_v = [l_v <= tau]`` (all ones without clipping) and ``h_v = a_v p_v dl_v/dp_v``, the
+softmax Jacobian gives ``dL/dz_S = h - p * sum_v h_v``, where
+
+- forward KL:  ``h = -a q``                          (no clip: ``dL/dz_S = p - q``)
+- reverse KL:  ``h = a p (log p - log q + 1)``       (no clip: ``p (log p - log q - KL)``)
+- JSD_beta:    ``h = a (1 - beta) p (log p - log m)``
+
+and ``dL/dlogits = dL/dz_S / T``. For a token with hidden ``x`` and output weight ``W``
+(``logits = x W^T``): ``dL/dx = dlogits W`` and ``dL/dW = dlogits^T x``, summed over tokens.
+
+Sampled-token variant: ``A = log q_y - log p_y`` (detached), loss ``-A log p_y``,
+``dL/dz_S = A (p - onehot(y))``.
+
+Top-k ties: every entry whose teacher logit equals the k-th largest is kept, so the kept set does
+not depend on the tensor-parallel size or on sort order.
+
+Precision and memory of the fused loss: the matmuls run in the input dtype (bf16 GEMMs accumulate
+in fp32), logits are cast to fp32 (fp64 stays fp64) before any softmax statistic, and one chunk
+holds about four ``[chunk_size, V_local]`` fp32 tensors at a time. Besides that, gradients need an
+fp32 ``[N, H]`` hidden-gradient buffer and a ``[V_local, H]`` weight-gradient accumulator.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import Field, model_validator
+from torch.autograd.function import once_differentiable
+
+from megatron_opsd.section import Section
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+
+
+class LossConfig(Section):
+    """The OPSD loss. See the module docstring for the exact math."""
+
+    divergence: Divergence = "forward_kl"
+    beta: float | None = Field(None, ge=0.0, le=1.0, description="JSD mixture weight of the teacher; jsd only")
+    temperature: float = Field(1.1, gt=0.0, description="both logit sets are divided by it")
+    clip: float | None = Field(0.05, gt=0.0, description="per-vocabulary-entry tau; None = off")
+    top_k: int | None = Field(None, ge=1, description="teacher's global top-k, renormalized; None = full vocab")
+    sampled_token: bool = Field(False, description="-A log p_S(y) on the sampled token instead of a divergence")
+    vocab_size: int = Field(ge=1, description="true vocabulary size; output-layer rows beyond it are padding")
+    chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the fused loss")
+    weight_grad_fp32: bool = Field(True, description="accumulate the output-weight gradient over token chunks "
+                                   "in fp32; False: in the weight dtype, one rounding per chunk, no fp32 "
+                                   "[V_local, H] buffer")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LossConfig:
+        if self.divergence == "jsd" and self.beta is None:
+            raise ValueError("divergence 'jsd' needs beta in [0, 1]")
+        if self.divergence != "jsd" and self.beta is not None:
+            raise ValueError(f"beta only applies to divergence 'jsd', not {self.divergence!r}; remove it")
+        if self.top_k is not None and self.top_k > self.vocab_size:
+            raise ValueError(f"top_k={self.top_k} exceeds vocab_size={self.vocab_size}")
+        if self.sampled_token and (self.clip is not None or self.top_k is not None):
+            raise ValueError("sampled_token uses neither clip nor top_k; set clip: null and top_k: null")
+        return self
+
+    @property
+    def kind(self) -> Divergence:
+        """The divergence actually computed: JSD with beta 0 / 1 is forward / reverse KL."""
+        if self.divergence == "jsd" and self.beta in (0.0, 1.0):
+            return "forward_kl" if self.beta == 0.0 else "reverse_kl"
+        return self.divergence
+
+
+# --------------------------------------------------------------------------------------------
+# Dense reference
+# --------------------------------------------------------------------------------------------
+
+
+def dense_token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: LossConfig,
+                           target_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token loss ``[N]`` from full logits ``[N, V']`` (``V' >= vocab_size``; columns beyond
+    ``vocab_size`` are padding and dropped). The teacher is detached. Computes in at least fp32.
+    """
+    _check_targets(cfg, target_ids)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    zs = student_logits[:, : cfg.vocab_size].to(dtype) / cfg.temperature
+    zt = teacher_logits[:, : cfg.vocab_size].detach().to(dtype) / cfg.temperature
+    if cfg.top_k is not None:
+        kth = zt.topk(cfg.top_k, dim=-1).values[:, -1:]
+        drop = zt < kth
+        zs, zt = zs.masked_fill(drop, -math.inf), zt.masked_fill(drop, -math.inf)
+    logp, logq = torch.log_softmax(zs, dim=-1), torch.log_softmax(zt, dim=-1)
+    if cfg.sampled_token:
+        logp_y = logp.gather(1, target_ids[:, None]).squeeze(1)
+        advantage = (logq.gather(1, target_ids[:, None]).squeeze(1) - logp_y).detach()
+        return -advantage * logp_y
+    p, q = logp.exp(), logq.exp()
+    if cfg.top_k is not None:  # dropped entries have p = q = 0: keep 0 * log(0) terms at 0, not nan
+        logp, logq = logp.masked_fill(drop, 0.0), logq.masked_fill(drop, 0.0)
+    if cfg.kind == "forward_kl":
+        terms = q * (logq - logp)
+    elif cfg.kind == "reverse_kl":
+        terms = p * (logp - logq)
+    else:
+        beta = cfg.beta
+        logm = torch.logaddexp(logq + math.log(beta), logp + math.log(1.0 - beta))
+        terms = beta * q * (logq - logm) + (1.0 - beta) * p * (logp - logm)
+    if cfg.clip is not None:
+        terms = terms.clamp(max=cfg.clip)
+    return terms.sum(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Fused, chunked, vocab-parallel
+# --------------------------------------------------------------------------------------------
+
+
+def fused_token_divergence(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+                           student_weight: torch.Tensor, teacher_weight: torch.Tensor, cfg: LossConfig,
+                           target_ids: torch.Tensor | None = None,
+                           group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Per-token loss ``[N]`` (fp32; fp64 for fp64 inputs; identical on every TP rank) from final
+    hidden states, never materializing more than ``[chunk_size, V_local]`` logits.
+
+    Args:
+        student_hidden, teacher_hidden: ``[N, H]``, the same tokens in the same order, replicated
+            across the TP group (gather sequence-parallel activations first).
+        student_weight, teacher_weight: ``[V_local, H]`` output-layer shards; rank ``r`` of ``group``
+            holds rows ``[r * V_local, (r + 1) * V_local)`` of the padded vocabulary. Rows with a
+            global index ``>= cfg.vocab_size`` are padding: never used, zero gradient.
+        target_ids: ``[N]`` sampled token ids, for ``cfg.sampled_token`` only.
+        group: the tensor-parallel group; None means no tensor parallelism.
+
+    Gradient contract:
+        Gradients flow to ``student_hidden`` and ``student_weight`` only. The ``student_hidden``
+        gradient is the FULL gradient: the all-reduce over ``group`` of the per-rank partials
+        (what ``copy_to_tensor_model_parallel_region`` does for a ``ColumnParallelLinear``) happens
+        inside, so pass the plain replicated hidden states, not a ``copy_to_...`` output; with
+        sequence parallelism gather with ``tensor_parallel_output_grad=False``. The
+        ``student_weight`` gradient is this rank's shard (padding rows zero), accumulated over
+        token chunks in fp32 unless ``cfg.weight_grad_fp32`` is False.
+
+    Upstream gradient:
+        When autograd will need gradients, the forward pass already computes the gradient
+        products ``dlogits W`` and ``dlogits^T x`` chunk by chunk (4 large matmuls in total,
+        like the naive loss). Backward scales them if the upstream gradient is the same for every
+        token (``loss.sum()``, a token mean, ``sum / global_token_count``); otherwise (per-token
+        weights, a multiplied mask) it recomputes exactly, chunk by chunk (2 more matmuls). Pass
+        only the tokens that count rather than masking: masked tokens then cost nothing.
+    """
+    _check_targets(cfg, target_ids)
+    n, hidden = student_hidden.shape
+    v_local = student_weight.shape[0]
+    if teacher_hidden.shape != (n, hidden) or student_weight.shape != (v_local, hidden) \
+            or teacher_weight.shape != (v_local, hidden):
+        raise ValueError(f"shape mismatch: student_hidden {tuple(student_hidden.shape)}, teacher_hidden "
+                         f"{tuple(teacher_hidden.shape)}, student_weight {tuple(student_weight.shape)}, "
+                         f"teacher_weight {tuple(teacher_weight.shape)}")
+    tp = 1 if group is None else dist.get_world_size(group)
+    if v_local * tp < cfg.vocab_size:
+        raise ValueError(f"{tp} shards of {v_local} rows cannot hold vocab_size={cfg.vocab_size}")
+    if target_ids is not None and target_ids.numel() != n:
+        raise ValueError(f"target_ids has {target_ids.numel()} entries for {n} tokens")
+    precompute = torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad)
+    return _FusedTokenDivergence.apply(student_hidden, student_weight, teacher_hidden.detach(),
+                                       teacher_weight.detach(), target_ids, cfg, group, precompute)
+
+
+def _check_targets(cfg: LossConfig, target_ids: torch.Tensor | None) -> None:
+    if cfg.sampled_token != (target_ids is not None):
+        raise ValueError("target_ids are required with sampled_token and only used by it")
+    if target_ids is not None and target_ids.numel() \
+            and not 0 <= int(target_ids.min()) <= int(target_ids.max()) < cfg.vocab_size:
+        raise ValueError(f"target_ids must lie in [0, vocab_size={cfg.vocab_size})")
+
+
+class _FusedTokenDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.Tensor,
+                targets: torch.Tensor | None, cfg: LossConfig, group: dist.ProcessGroup | None,
+                precompute: bool) -> torch.Tensor:
+        ctx.cfg, ctx.group = cfg, group
+        ctx.save_for_backward(hs, ws, ht, wt, targets)
+        want_h, want_w = precompute and ctx.needs_input_grad[0], precompute and ctx.needs_input_grad[1]
+        loss, grad_h, grad_w = _run_chunks(hs, ws, ht, wt, targets, cfg, group, want_h, want_w)
+        ctx.products = (grad_h, grad_w) if precompute else None
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):
+        hs, ws, ht, wt, targets = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        products, ctx.products = ctx.products, None  # used once; a second backward recomputes
+        # grad_loss derives from the replicated per-token loss, so every TP rank takes the same path.
+        if products is not None and (grad_loss.numel() == 0 or bool((grad_loss == grad_loss[0]).all())):
+            scale = grad_loss[0] if grad_loss.numel() else 0.0
+            grad_h, grad_w = (g.mul_(scale) if g is not None else None for g in products)
+        else:
+            _, grad_h, grad_w = _run_chunks(hs, ws, ht, wt, targets, ctx.cfg, ctx.group, want_h, want_w,
+                                            grad_loss)
+        if grad_h is not None:
+            _all_reduce(grad_h, dist.ReduceOp.SUM, ctx.group)
+            grad_h = grad_h.to(hs.dtype)
+        if grad_w is not None:
+            grad_w = grad_w.to(ws.dtype)
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def _run_chunks(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.Tensor,
+                targets: torch.Tensor | None, cfg: LossConfig, group: dist.ProcessGroup | None,
+                want_h: bool, want_w: bool, grad_loss: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One pass over token chunks: the per-token loss and, as requested, the gradient products
+    w.r.t. ``hs`` (this rank's partial, fp32) and ``ws`` (see ``weight_grad_fp32``), each token's row scaled by
+    ``grad_loss`` when given (recompute path) and unscaled otherwise (forward precompute).
+    """
+    n, hidden = hs.shape
+    rank = 0 if group is None else dist.get_rank(group)
+    start = rank * ws.shape[0]
+    valid = max(0, min(ws.shape[0], cfg.vocab_size - start))  # this shard's non-padding rows
+    ws_v, wt_v = ws[:valid], wt[:valid]
+    acc = torch.promote_types(hs.dtype, torch.float32)
+    loss = torch.empty(n, dtype=acc, device=hs.device)
+    grad_h = torch.zeros(n, hidden, dtype=acc, device=hs.device) if want_h else None
+    grad_w = torch.zeros(ws.shape, dtype=acc if cfg.weight_grad_fp32 else ws.dtype, device=ws.device) \
+        if want_w else None
+    for s in range(0, n, cfg.chunk_size):
+        e = min(s + cfg.chunk_size, n)
+        zs = _scaled_logits(hs[s:e], ws_v, cfg.temperature, acc)
+        zt = _scaled_logits(ht[s:e], wt_v, cfg.temperature, acc)
+        if cfg.sampled_token:
+            loss[s:e], dz = _sampled_chunk(zs, zt, targets[s:e] - start, group)
+        else:
+            loss[s:e], dz = _divergence_chunk(zs, zt, cfg, group)
+        del zs, zt
+        if not (want_h or want_w):
+            continue
+        if grad_loss is not None:
+            dz.mul_(grad_loss[s:e, None].to(acc))
+        dz = dz.div_(cfg.temperature).to(ws.dtype)
+        if want_h:
+            grad_h[s:e] = dz @ ws_v
+        if want_w:
+            _add_weight_grad(grad_w[:valid], dz, hs[s:e])
+    return loss, grad_h, grad_w
+
+
+def _add_weight_grad(grad_w: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, rows: int = 8192) -> None:
+    """``grad_w += dz^T h``. The GEMM accumulates in fp32 either way; a wider ``grad_w`` takes the
+    product ``rows`` rows at a time so it never needs a ``[V_local, H]`` temporary."""
+    if grad_w.dtype == dz.dtype:
+        grad_w.addmm_(dz.T, h)
+        return
+    for r in range(0, grad_w.shape[0], rows):
+        grad_w[r:r + rows] += dz[:, r:r + rows].T @ h
+
+
+def _scaled_logits(h: torch.Tensor, w: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """``(h W^T) / T`` as a fresh ``dtype`` tensor (the matmul runs in the input dtype)."""
+    return (h @ w.T).to(dtype).div_(temperature)
+
+
+def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> None:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+
+
+def _row_max(z: torch.Tensor) -> torch.Tensor:
+    """Max over the last dim; -inf for a shard with no columns (all padding)."""
+    if z.shape[-1] == 0:
+        return z.new_full(z.shape[:-1], -math.inf)
+    return z.amax(dim=-1)
+
+
+def _log_softmax_pair(zs: torch.Tensor, zt: torch.Tensor, group: dist.ProcessGroup | None,
+                      local_index: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Turn ``zs``, ``zt`` into vocab-parallel log-softmax, in place (two all-reduces of ``[2, c]``).
+
+    With ``local_index`` (``[c]`` column in this shard, or out of range when another rank holds
+    it) also returns the two log-probabilities at that column, ``[2, c]``, globally.
+    """
+    peak = torch.stack([_row_max(zs), _row_max(zt)])
+    _all_reduce(peak, dist.ReduceOp.MAX, group)
+    zs.sub_(peak[0, :, None])
+    zt.sub_(peak[1, :, None])
+    stats = [zs.exp().sum(dim=-1), zt.exp().sum(dim=-1)]
+    if local_index is not None:
+        here = (local_index >= 0) & (local_index < zs.shape[1])
+        col = local_index.clamp(0, max(zs.shape[1] - 1, 0))[:, None]
+        for z in (zs, zt):
+            stats.append(z.gather(1, col).squeeze(1).masked_fill(~here, 0.0) if zs.shape[1] else
+                         torch.zeros_like(stats[0]))
+    stats = torch.stack(stats)
+    _all_reduce(stats, dist.ReduceOp.SUM, group)
+    log_norm = stats[:2].log()
+    zs.sub_(log_norm[0, :, None])
+    zt.sub_(log_norm[1, :, None])
+    return stats[2:] - log_norm if local_index is not None else None
+
+
+def _divergence_chunk(zs: torch.Tensor, zt: torch.Tensor, cfg: LossConfig,
+                      group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss ``[c]`` and ``dL/dz_S`` ``[c, V_local_valid]`` for one chunk (consumes the
+    inputs). Top-k works on the gathered kept entries and scatters the gradient back."""
+    full = zs.shape
+    if cfg.top_k is not None:
+        zt, index = zt.topk(min(cfg.top_k, zt.shape[1]), dim=-1, sorted=False)
+        zs = zs.gather(1, index)
+        drop = zt < _global_kth(zt, cfg.top_k, group)[:, None]
+        zs.masked_fill_(drop, -math.inf)
+        zt.masked_fill_(drop, -math.inf)
+    _log_softmax_pair(zs, zt, group)
+    logp, logq = zs, zt
+    if cfg.kind == "forward_kl":
+        q = logq.exp()
+        terms = logq.sub_(logp).mul_(q)
+        p, h = logp.exp_(), q.neg_()
+    elif cfg.kind == "reverse_kl":
+        diff = torch.sub(logp, logq, out=logq)
+        p = logp.exp_()
+        terms = p * diff
+        h = diff.add_(1.0).mul_(p)
+    else:
+        beta = cfg.beta
+        logm = torch.logaddexp(logq + math.log(beta), logp + math.log(1.0 - beta))
+        p, q = logp.exp(), logq.exp()
+        h = logp.sub_(logm).mul_(p).mul_(1.0 - beta)
+        terms = logq.sub_(logm).mul_(q).mul_(beta).add_(h)
+        del logm, q
+    if cfg.top_k is not None:  # dropped entries: p = q = 0, terms are nan (0 * inf)
+        terms.masked_fill_(drop, 0.0)
+        h.masked_fill_(drop, 0.0)
+    if cfg.clip is not None:
+        h.masked_fill_(terms > cfg.clip, 0.0)
+        terms.clamp_(max=cfg.clip)
+    sums = torch.stack([terms.sum(dim=-1), h.sum(dim=-1)])
+    _all_reduce(sums, dist.ReduceOp.SUM, group)
+    dz = h.sub_(p.mul_(sums[1, :, None]))
+    if cfg.top_k is not None:
+        dz = dz.new_zeros(full).scatter_(1, index, dz)
+    return sums[0], dz
+
+
+def _global_kth(values: torch.Tensor, k: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """k-th largest per row over all ranks, from each rank's local top values ``[c, <=k]``."""
+    if group is not None and dist.get_world_size(group) > 1:
+        padded = values.new_full((values.shape[0], k), -math.inf)
+        padded[:, : values.shape[1]] = values
+        parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, padded, group=group)
+        values = torch.cat(parts, dim=1)
+    return values.topk(k, dim=-1, sorted=True).values[:, -1]
+
+
+def _sampled_chunk(zs: torch.Tensor, zt: torch.Tensor, local_target: torch.Tensor,
+                   group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled-token loss ``-A log p_y`` and ``dL/dz_S = A (p - onehot(y))`` for one chunk."""
+    logp_y, logq_y = _log_softmax_pair(zs, zt, group, local_target)
+    advantage = logq_y - logp_y
+    dz = zs.exp_().mul_(advantage[:, None])
+    if dz.shape[1]:
+        here = (local_target >= 0) & (local_target < dz.shape[1])
+        dz.scatter_add_(1, local_target.clamp(0, dz.shape[1] - 1)[:, None], -(advantage * here)[:, None])
+    return -advantage * logp_y, dz

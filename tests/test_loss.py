@@ -1,0 +1,192 @@
+"""OPSD loss: fused vs dense reference (TP=1 here, TP=2 in tests/workers/loss_tp.py), properties,
+config validation."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from megatron_opsd.opsd.loss import LossConfig, dense_token_divergence, fused_token_divergence
+from tests.distributed import assert_check, launch
+from tests.workers.loss_tp import CHECKS, VARIANTS, assert_matches_dense, dense_reference, fused, make_case
+
+PROPERTY = settings(max_examples=25, deadline=None)
+DIVERGENCES = [v for v in VARIANTS if v != "sampled_token"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("uniform", [True, False], ids=["uniform-upstream", "per-token-upstream"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_matches_dense(variant: str, uniform: bool, dtype: torch.dtype) -> None:
+    assert_matches_dense(make_case(variant, seed=list(VARIANTS).index(variant), uniform=uniform), dtype)
+
+
+@pytest.mark.parametrize("variant", [v for v in DIVERGENCES if "clipon" in v or "topk" in v])
+def test_cases_exercise_clip_and_top_k(variant: str) -> None:
+    """The comparison cases are not degenerate: clipping and top-k change the loss."""
+    case = make_case(variant, seed=list(VARIANTS).index(variant))
+    loss = dense_reference(case)[0]
+    for field in ("clip", "top_k"):
+        if getattr(case.cfg, field) is not None:
+            off = dataclasses.replace(case, cfg=case.cfg.model_copy(update={field: None}))
+            assert (dense_reference(off)[0] - loss).abs().max() > 1e-6, f"{field} has no effect"
+
+
+@pytest.mark.parametrize("weight_grad_fp32", [True, False])
+def test_bf16_inputs(weight_grad_fp32: bool) -> None:
+    """bf16 hidden and weights against float64 on the same (rounded) values: bf16-level agreement."""
+    case = make_case("forward_kl-clipon-topall", seed=3, uniform=False)
+    case.cfg = case.cfg.model_copy(update={"weight_grad_fp32": weight_grad_fp32})
+    for name in ("student_hidden", "teacher_hidden", "student_weight", "teacher_weight"):
+        setattr(case, name, getattr(case, name).bfloat16().double())
+    loss, grad_h, grad_w, _ = fused(case, torch.bfloat16)
+    assert loss.dtype == torch.float32 and grad_h.dtype == grad_w.dtype == torch.bfloat16
+    ref = dense_reference(case)
+    for actual, expected in zip((loss, grad_h, grad_w), ref):
+        assert (actual.double() - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+def test_chunk_size_invariance() -> None:
+    """The per-token loss does not depend on how tokens are chunked."""
+    case = make_case("jsd-clipon-topk", seed=11)
+    loss = fused(case, torch.float64)[0]
+    case.cfg = case.cfg.model_copy(update={"chunk_size": 1000})
+    torch.testing.assert_close(fused(case, torch.float64)[0], loss, rtol=1e-12, atol=1e-14)
+
+
+def _same_teacher(case):
+    return dataclasses.replace(case, teacher_hidden=case.student_hidden, teacher_weight=case.student_weight)
+
+
+@PROPERTY
+@given(seed=st.integers(0, 2**20), variant=st.sampled_from(list(VARIANTS)))
+def test_zero_when_teacher_is_student(seed: int, variant: str) -> None:
+    loss, grad_h, grad_w, _ = fused(_same_teacher(make_case(variant, seed, uniform=False)), torch.float64)
+    for t in (loss, grad_h, grad_w):
+        assert t.abs().max() < 1e-12
+
+
+@PROPERTY
+@given(seed=st.integers(0, 2**20), variant=st.sampled_from([v for v in DIVERGENCES if "kl-clipoff" in v]))
+def test_kl_nonnegative_without_clip(seed: int, variant: str) -> None:
+    assert fused(make_case(variant, seed), torch.float64)[0].min() >= -1e-12
+
+
+@PROPERTY
+@given(seed=st.integers(0, 2**20), beta=st.floats(0.01, 0.99), top_k=st.booleans(), scale=st.floats(0.1, 30.0))
+def test_jsd_entropy_bound(seed: int, beta: float, top_k: bool, scale: float) -> None:
+    """0 <= JSD_beta <= -beta ln beta - (1 - beta) ln(1 - beta), approached by far-apart logits."""
+    case = make_case(f"jsd-clipoff-top{'k' if top_k else 'all'}", seed)
+    case.cfg = case.cfg.model_copy(update={"beta": beta})
+    case.teacher_weight = case.student_weight + scale * (case.teacher_weight - case.student_weight)
+    loss = fused(case, torch.float64)[0]
+    bound = -beta * math.log(beta) - (1 - beta) * math.log(1 - beta)
+    assert loss.min() >= -1e-12 and loss.max() <= bound + 1e-12
+
+
+def test_jsd_endpoints_are_kls() -> None:
+    for beta, kind in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
+        case = make_case("jsd-clipon-topall", seed=5)
+        jsd = fused(dataclasses.replace(case, cfg=case.cfg.model_copy(update={"beta": beta})), torch.float64)
+        kl_cfg = case.cfg.model_copy(update={"beta": None, "divergence": kind})
+        kl = fused(dataclasses.replace(case, cfg=kl_cfg), torch.float64)
+        for a, b in zip(jsd, kl):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["forward_kl-clipon-topk", "sampled_token"])
+def test_teacher_gets_no_gradient(variant: str) -> None:
+    case = make_case(variant, seed=2)
+    hs, ws = case.student_hidden.clone().requires_grad_(), case.student_weight.clone().requires_grad_()
+    ht, wt = case.teacher_hidden.clone().requires_grad_(), case.teacher_weight.clone().requires_grad_()
+    fused_token_divergence(hs, ht, ws, wt, case.cfg, case.target_ids).sum().backward()
+    assert ht.grad is None and wt.grad is None
+    assert hs.grad.abs().max() > 0 and ws.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("variant", ["reverse_kl-clipon-topall", "jsd-clipoff-topk", "sampled_token"])
+def test_masked_tokens_contribute_nothing(variant: str) -> None:
+    """loss * mask (recompute path) == the loss over the valid tokens only (precompute path)."""
+    case = make_case(variant, seed=9, uniform=False)
+    keep = case.upstream > 0
+    assert 0 < keep.sum() < keep.numel()
+    _, grad_h, grad_w, _ = fused(dataclasses.replace(case, upstream=keep.double()), torch.float64)
+    valid = dataclasses.replace(
+        case, student_hidden=case.student_hidden[keep], teacher_hidden=case.teacher_hidden[keep],
+        target_ids=None if case.target_ids is None else case.target_ids[keep],
+        upstream=torch.ones(int(keep.sum()), dtype=torch.float64))
+    _, valid_h, valid_w, _ = fused(valid, torch.float64)
+    assert grad_h[~keep].abs().max() == 0
+    torch.testing.assert_close(grad_h[keep], valid_h, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(grad_w, valid_w, rtol=1e-10, atol=1e-14)
+
+
+def test_second_backward_and_no_grad() -> None:
+    """Precomputed products are used once; a retained graph's second backward recomputes."""
+    case = make_case("forward_kl-clipon-topk", seed=4)
+    hs, ws = case.student_hidden.clone().requires_grad_(), case.student_weight.clone().requires_grad_()
+    total = fused_token_divergence(hs, case.teacher_hidden, ws, case.teacher_weight, case.cfg).sum()
+    first = torch.autograd.grad(total, (hs, ws), retain_graph=True)
+    second = torch.autograd.grad(total, (hs, ws))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    with torch.no_grad():
+        again = fused_token_divergence(hs, case.teacher_hidden, ws, case.teacher_weight, case.cfg)
+    torch.testing.assert_close(again, dense_reference(case)[0], rtol=1e-10, atol=1e-14)
+
+
+def test_input_errors() -> None:
+    case = make_case("sampled_token", seed=1)
+    args = (case.student_hidden, case.teacher_hidden, case.student_weight, case.teacher_weight, case.cfg)
+    with pytest.raises(ValueError, match="target_ids"):
+        fused_token_divergence(*args)
+    with pytest.raises(ValueError, match="vocab_size"):
+        fused_token_divergence(*args, target_ids=torch.full_like(case.target_ids, case.cfg.vocab_size))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        fused_token_divergence(*args[:2], args[2][:, :-1], *args[3:], target_ids=case.target_ids)
+    small = case.cfg.model_copy(update={"vocab_size": case.student_weight.shape[0] + 1})
+    with pytest.raises(ValueError, match="cannot hold"):
+        fused_token_divergence(*args[:4], small, target_ids=case.target_ids)
+    with pytest.raises(ValueError, match="target_ids"):
+        dense_token_divergence(case.student_hidden, case.teacher_hidden,
+                               case.cfg.model_copy(update={"sampled_token": False}), case.target_ids)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"divergence": "jsd"}, "needs beta"),
+    ({"beta": 0.5}, "only applies"),
+    ({"divergence": "jsd", "beta": 1.5}, "less than or equal"),
+    ({"temperature": 0.0}, "greater than 0"),
+    ({"clip": -1.0}, "greater than 0"),
+    ({"top_k": 200}, "exceeds vocab_size"),
+    ({"sampled_token": True}, "set clip: null"),
+    ({"divergence": "kl"}, "forward_kl"),
+    ({"chunk": 4}, "Extra inputs"),
+])
+def test_config_validation(fields: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        LossConfig(vocab_size=100, **fields)
+
+
+def test_config_defaults_and_kind() -> None:
+    cfg = LossConfig(vocab_size=10)
+    defaults = (cfg.divergence, cfg.temperature, cfg.clip, cfg.top_k, cfg.sampled_token, cfg.weight_grad_fp32)
+    assert defaults == ("forward_kl", 1.1, 0.05, None, False, True)
+    assert LossConfig(vocab_size=10, divergence="jsd", beta=0.0).kind == "forward_kl"
+    assert LossConfig(vocab_size=10, divergence="jsd", beta=1.0).kind == "reverse_kl"
+    assert LossConfig(vocab_size=10, divergence="jsd", beta=0.5).kind == "jsd"
+
+
+@pytest.fixture(scope="module")
+def tp2(tmp_path_factory) -> dict[str, dict]:
+    return launch("tests.workers.loss_tp", 2, tmp_path_factory.mktemp("loss_tp"))
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_tp2(tp2: dict[str, dict], check: str) -> None:
+    assert_check(tp2, check)

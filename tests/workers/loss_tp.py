@@ -1,0 +1,140 @@
+"""Fused OPSD loss vs the dense float64 reference at TP=2 (gloo), plus the shared case builders
+that tests/test_loss.py uses in-process at TP=1.
+
+Every rank builds the same full-vocabulary case from one seed, keeps its shard of the padded
+output layer and compares per-token losses, the full hidden gradient and its weight-shard gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+
+from megatron_opsd.opsd.loss import LossConfig, dense_token_divergence, fused_token_divergence
+
+VARIANTS: dict[str, dict] = {
+    f"{div}-clip{'on' if clip else 'off'}-top{'k' if topk else 'all'}": {
+        "divergence": div, "beta": 0.3 if div == "jsd" else None, "clip": clip, "top_k": topk}
+    for div in ("forward_kl", "reverse_kl", "jsd") for clip in (None, 0.02) for topk in (None, True)
+}
+VARIANTS["sampled_token"] = {"sampled_token": True, "clip": None}
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@dataclasses.dataclass
+class Case:
+    cfg: LossConfig
+    student_hidden: torch.Tensor  # [N, H]
+    teacher_hidden: torch.Tensor  # [N, H]
+    student_weight: torch.Tensor  # [tp * V_local, H], rows >= vocab_size are padding
+    teacher_weight: torch.Tensor
+    target_ids: torch.Tensor | None
+    upstream: torch.Tensor  # [N] d(total)/d(per-token loss)
+
+
+def make_case(variant: str, seed: int, tp: int = 1, uniform: bool = True, vocab: int | None = None,
+              v_local: int | None = None) -> Case:
+    """Random float64 case: N not divisible by chunk_size, vocab not divisible by tp, by default
+    0-2 padding rows beyond ceil(vocab / tp) per shard; a non-uniform upstream gradient has zeros
+    (masked tokens)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randint(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    chunk = randint(2, 6)
+    n = chunk * randint(1, 4) + randint(1, chunk - 1)
+    hidden = randint(3, 12)
+    vocab = vocab or randint(6, 40) * tp + (1 if tp > 1 else 0)
+    v_local = v_local or math.ceil(vocab / tp) + randint(0, 2)
+    spec = dict(VARIANTS[variant])
+    if spec.get("top_k"):
+        spec["top_k"] = randint(2, vocab - 1)
+    cfg = LossConfig(vocab_size=vocab, chunk_size=chunk, temperature=0.5 + 1.5 * float(torch.rand(1, generator=g)),
+                     **spec)
+    hs = torch.randn(n, hidden, generator=g, dtype=torch.float64)
+    ws = torch.randn(tp * v_local, hidden, generator=g, dtype=torch.float64) * 2 / math.sqrt(hidden)
+    ht = hs + 0.7 * torch.randn(n, hidden, generator=g, dtype=torch.float64)
+    wt = ws + 0.7 * torch.randn(tp * v_local, hidden, generator=g, dtype=torch.float64) / math.sqrt(hidden)
+    targets = torch.randint(0, vocab, (n,), generator=g) if cfg.sampled_token else None
+    if uniform:
+        upstream = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    else:
+        upstream = torch.rand(n, generator=g, dtype=torch.float64) * (torch.rand(n, generator=g) > 0.3)
+        upstream[0] = 1.0
+    return Case(cfg, hs, ht, ws, wt, targets, upstream)
+
+
+def dense_reference(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token loss, d total / d hidden [N, H] and d total / d weight [tp * V_local, H], float64."""
+    hs = case.student_hidden.clone().requires_grad_()
+    ws = case.student_weight.clone().requires_grad_()
+    loss = dense_token_divergence(hs @ ws.T, case.teacher_hidden @ case.teacher_weight.T, case.cfg, case.target_ids)
+    (loss * case.upstream).sum().backward()
+    return loss.detach(), hs.grad, ws.grad
+
+
+def fused(case: Case, dtype: torch.dtype, group: dist.ProcessGroup | None = None,
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token loss, hidden grad, this rank's weight-shard grad, and the shard's row offset."""
+    tp, rank = (1, 0) if group is None else (dist.get_world_size(group), dist.get_rank(group))
+    rows = case.student_weight.shape[0] // tp
+    shard = slice(rank * rows, (rank + 1) * rows)
+    hs = case.student_hidden.to(dtype, copy=True).requires_grad_()
+    ws = case.student_weight[shard].to(dtype, copy=True).requires_grad_()
+    loss = fused_token_divergence(hs, case.teacher_hidden.to(dtype), ws, case.teacher_weight[shard].to(dtype),
+                                  case.cfg, case.target_ids, group)
+    (loss * case.upstream.to(loss.dtype)).sum().backward()
+    return loss.detach(), hs.grad, ws.grad, torch.tensor(rank * rows)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (exact zero expected: absolute error)."""
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    return ((actual.double() - expected).abs().max().item() if actual.numel() else 0.0) / (scale or 1.0)
+
+
+def assert_matches_dense(case: Case, dtype: torch.dtype, group: dist.ProcessGroup | None = None) -> None:
+    loss, grad_h, grad_w, start = fused(case, dtype, group)
+    ref_loss, ref_h, ref_w = dense_reference(case)
+    ref_w = ref_w[int(start): int(start) + grad_w.shape[0]]
+    tol = TOLERANCE[dtype]
+    for name, actual, expected in (("loss", loss, ref_loss), ("grad hidden", grad_h, ref_h),
+                                   ("grad weight", grad_w, ref_w)):
+        err = relative_error(actual, expected)
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e} ({case.cfg})"
+    assert ref_h.abs().max() > 0, "degenerate case: zero gradient"
+
+
+def _lockstep(cases: list[tuple[Case, torch.dtype]]) -> None:
+    """Run every comparison before raising, so that all ranks issue the same collectives."""
+    failures = []
+    for case, dtype in cases:
+        try:
+            assert_matches_dense(case, dtype, dist.group.WORLD)
+        except AssertionError as err:
+            failures.append(str(err))
+    assert not failures, "\n".join(failures)
+
+
+def _check_all_variants() -> None:
+    _lockstep([(make_case(variant, seed=100 + i, tp=dist.get_world_size(), uniform=uniform), dtype)
+               for i, variant in enumerate(VARIANTS) for uniform in (True, False)
+               for dtype in (torch.float64, torch.float32)])
+
+
+def _check_all_padding_shard() -> None:
+    """vocab 5 over 2 shards of 6 rows: rank 1 holds only padding; top-k crosses ranks too."""
+    _lockstep([(make_case(variant, seed=7, tp=2, uniform=False, vocab=5, v_local=6), torch.float64)
+               for variant in ("forward_kl-clipon-topall", "reverse_kl-clipoff-topk", "jsd-clipon-topk",
+                               "sampled_token")])
+
+
+CHECKS = {"all_variants": _check_all_variants, "all_padding_shard": _check_all_padding_shard}
+
+if __name__ == "__main__":
+    from tests.distributed import run_checks
+
+    run_checks(CHECKS)

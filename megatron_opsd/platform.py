@@ -89,6 +89,11 @@ class _CudaToCpu(TorchFunctionMode):
             return args[0]
         if func is torch.Tensor.to and len(args) > 1:
             args = (args[0], _to_cpu_device(args[1]), *args[2:])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # The distributed optimizer accepts only "torch.cuda.*Tensor" type names. Parameter
+            # passes through here twice (subclass dispatch), hence the guard.
+            name = func(*args)
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
 
 

@@ -1,0 +1,105 @@
+"""Where the teacher's weights come from: fixed (initial policy), EMA of the student, or live.
+
+OPSD's teacher is the same network as the student, conditioned on the privileged solution. For
+``live`` that is literally the current weights (the teacher pass runs under no_grad, so it gets no
+gradient). For ``fixed`` and ``ema`` a second parameter set holds the teacher's local shard of
+every parameter (this rank's TP/PP slice, the full slice on every DP rank). For the teacher pass
+the two sets are *exchanged* in place, parameter by parameter, and exchanged back afterwards: the
+model object, its DDP buffers and the optimizer never see different tensors, and the exchange
+needs only one parameter-sized temporary at a time.
+
+Memory cost per parameter of this rank's shard (on the device, or on the CPU with ``offload``):
+- live: 0.
+- fixed: one copy in the model's dtype (2 bytes in bf16, 4 in fp32).
+- ema: as fixed, plus an fp32 accumulator when the model is not fp32 (EMA updates of
+  ``1 - decay`` = 1e-3 are below bf16 resolution and would stall); 6 bytes in bf16, 4 in fp32.
+With ``offload`` the set sits in pinned host memory (when CUDA is present) and is copied over
+PCIe twice per teacher pass; the teacher output-layer shard is brought to the device for the loss.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from megatron_opsd.section import Section
+
+
+class TeacherConfig(Section):
+    mode: Literal["fixed", "ema", "live"] = "fixed"
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+    offload: bool = False  # keep fixed/EMA weights in (pinned) host memory instead of on the device
+
+
+class Teacher:
+    """Holds the teacher weights for ``params`` (the model chunks' parameters, in order)."""
+
+    def __init__(self, cfg: TeacherConfig, params: Sequence[torch.nn.Parameter]):
+        self.cfg = cfg
+        self.params = list(params)
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self.weights: list[torch.Tensor] | None = None
+        self.master: list[torch.Tensor] | None = None
+        if cfg.mode == "live":
+            return
+        self.weights = [self._store(p) for p in self.params]
+        if cfg.mode == "ema" and any(p.dtype != torch.float32 for p in self.params):
+            self.master = [w.float() for w in self.weights]
+
+    def _store(self, p: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.offload:
+            return p.detach().clone()
+        host = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+        return host.copy_(p.detach())
+
+    @torch.no_grad()
+    def _exchange(self) -> None:
+        for p, w in zip(self.params, self.weights):
+            tmp = p.detach().to(w.device, copy=True)
+            p.copy_(w)
+            w.copy_(tmp)
+
+    @contextmanager
+    def weights_in_model(self) -> Iterator[None]:
+        """Within the block the model's parameters hold the teacher's weights."""
+        if self.weights is None:
+            yield
+            return
+        self._exchange()
+        try:
+            yield
+        finally:
+            self._exchange()
+
+    def weight_of(self, param: torch.Tensor) -> torch.Tensor:
+        """The teacher's version of ``param`` on param's device, detached (e.g. the output layer)."""
+        if self.weights is None:
+            return param.detach()
+        return self.weights[self._index[id(param)]].to(param.device, non_blocking=True)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """After each optimizer step: EMA teacher <- decay * teacher + (1 - decay) * student."""
+        if self.cfg.mode != "ema":
+            return
+        alpha = 1.0 - self.cfg.ema_decay
+        targets = self.master if self.master is not None else self.weights
+        for p, t in zip(self.params, targets):
+            t.lerp_(p.detach().to(t.device, t.dtype), alpha)
+        if self.master is not None:
+            for w, m in zip(self.weights, self.master):
+                w.copy_(m)
+
+    def state_tensors(self) -> list[torch.Tensor] | None:
+        """The tensors a checkpoint must hold to resume exactly (fp32 accumulator when there is one)."""
+        return self.master if self.master is not None else self.weights
+
+    @torch.no_grad()
+    def after_load(self) -> None:
+        """Refresh the model-dtype copy after ``state_tensors()`` were loaded in place."""
+        if self.master is not None:
+            for w, m in zip(self.weights, self.master):
+                w.copy_(m)

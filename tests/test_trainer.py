@@ -1,0 +1,58 @@
+"""The OPSD training step across layouts, teacher modes, non-finite handling and exact resume.
+
+Launch order matters: the single-process worker writes the reference gradients the two-rank
+worker compares against; the two-rank worker's uninterrupted run is what the kill/resume pair
+must reproduce.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.distributed import assert_check, launch
+from tests.tiny_models import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("trainer")
+    hf_dir = save_tiny_model("qwen3", work / "hf")
+    common = ("--hf-dir", str(hf_dir), "--work", str(work))
+    results = {"single": launch("tests.workers.trainer_single", 1, work, *common)}
+    results["multi"] = launch("tests.workers.trainer", 2, work, *common)
+    try:  # expected to die by SIGKILL, writing no results
+        results["killed"] = launch("tests.workers.trainer_resume", 2, work, "--only", "first_three_then_killed", *common)
+    except RuntimeError as exc:
+        assert "wrote no results" in str(exc), exc
+        results["killed"] = None
+    results["resume"] = launch("tests.workers.trainer_resume", 2, work, "--only", "resume", *common)
+    return work, results
+
+
+SINGLE = ["reference_grads_and_microbatch_independence", "overfit_tp1", "teacher_fixed_no_grad_and_unchanged",
+          "teacher_ema_matches_hand_computation", "teacher_live_is_current_weights", "nan_skips_step_and_counts"]
+MULTI = ["grads_tp2", "grads_pp2", "grads_dp2", "overfit_tp2", "overfit_pp2", "uninterrupted_run",
+         "tp2_checkpoint_resumes_at_tp1"]
+
+
+@pytest.mark.parametrize("name", SINGLE)
+def test_single_process(runs, name):
+    assert_check(runs[1]["single"], name)
+
+
+@pytest.mark.parametrize("name", MULTI)
+def test_two_ranks(runs, name):
+    assert_check(runs[1]["multi"], name)
+
+
+def test_killed_run_resumes_with_identical_losses(runs):
+    work, results = runs
+    assert results["killed"] is None, f"the first run was not killed: {results['killed']}"
+    assert_check(results["multi"], "uninterrupted_run")
+    assert_check(results["resume"], "resume")
+    uninterrupted = json.loads((work / "losses_uninterrupted.json").read_text())
+    first = json.loads((work / "losses_first.json").read_text())
+    resumed = json.loads((work / "losses_resumed.json").read_text())
+    assert len(uninterrupted) == 6
+    assert first + resumed == uninterrupted

@@ -1,0 +1,144 @@
+"""Single-process units of the trainer: rollout protocol + recorded engine, teacher weight sets,
+checkpoint integrity checks, config sections."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from megatron_opsd.opsd.teacher import Teacher, TeacherConfig
+from megatron_opsd.rollout.engine import RecordedRolloutEngine, Rollout, RolloutEngine, SamplingParams
+from megatron_opsd.train.checkpoint import LATEST, MANIFEST, CheckpointError, resolve, verify
+from megatron_opsd.train.optim import OptimConfig
+
+
+# ------------------------------------------------------------------ rollout engine
+def _engine() -> RecordedRolloutEngine:
+    return RecordedRolloutEngine({
+        (1, 2, 3): [Rollout((5, 6, 7, 8, 9), (-0.1, -0.2, -0.3, -0.4, -0.5), "stop"),
+                    Rollout((4, 4), (-1.0, -1.0), "stop")],
+    })
+
+
+def test_recorded_engine_is_a_rollout_engine_and_applies_limits():
+    engine = _engine()
+    assert isinstance(engine, RolloutEngine)
+    (out,) = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3))
+    assert out == [Rollout((5, 6, 7), (-0.1, -0.2, -0.3), "length")]
+    (out,) = engine.generate([[1, 2, 3]], SamplingParams(stop_token_ids=(7,), n=2))
+    assert out == [Rollout((5, 6, 7), (-0.1, -0.2, -0.3), "stop"), Rollout((4, 4), (-1.0, -1.0), "stop")]
+
+
+def test_recorded_engine_errors_name_the_problem():
+    with pytest.raises(KeyError, match="no recorded rollout for prompt 1"):
+        _engine().generate([[1, 2, 3], [9, 9]], SamplingParams())
+    with pytest.raises(ValueError, match="2 recorded rollouts, 3 requested"):
+        _engine().generate([[1, 2, 3]], SamplingParams(n=3))
+    with pytest.raises(ValueError, match="log-probs"):
+        Rollout((1, 2), (-1.0,), "stop")
+
+
+def test_recorded_engine_weights_health_and_file_round_trip(tmp_path):
+    engine = _engine()
+    engine.update_weights(iter([("model.embed_tokens.weight", torch.zeros(2, 2)), ("lm_head.weight", torch.ones(2))]), version=3)
+    health = engine.health()
+    assert health.ok and health.weight_version == 3 and engine.tensors_received == 2
+    engine.save(tmp_path / "r.jsonl")
+    assert RecordedRolloutEngine.load(tmp_path / "r.jsonl").records == engine.records
+    (tmp_path / "bad.jsonl").write_text('{"prompt": [1]}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        RecordedRolloutEngine.load(tmp_path / "bad.jsonl")
+
+
+# ------------------------------------------------------------------ teacher
+def _params(dtype=torch.float32) -> list[torch.nn.Parameter]:
+    torch.manual_seed(0)
+    return list(torch.nn.Linear(4, 3).to(dtype).parameters())
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_fixed_teacher_swaps_in_and_restores_exactly(offload):
+    params = _params()
+    teacher = Teacher(TeacherConfig(mode="fixed", offload=offload), params)
+    initial = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    student = [p.detach().clone() for p in params]
+    with teacher.weights_in_model():
+        assert all(torch.equal(p, i) for p, i in zip(params, initial))
+    assert all(torch.equal(p, s) for p, s in zip(params, student))
+    assert torch.equal(teacher.weight_of(params[0]), initial[0])
+
+
+def test_ema_teacher_keeps_fp32_accumulator_for_bf16_params():
+    params = _params(torch.bfloat16)
+    teacher = Teacher(TeacherConfig(mode="ema", ema_decay=0.999), params)
+    assert teacher.master is not None and teacher.master[0].dtype == torch.float32
+    expected = [p.detach().double() for p in params]
+    for _ in range(5):
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.5)
+        teacher.update()
+        expected = [0.999 * e + 0.001 * p.detach().double() for e, p in zip(expected, params)]
+    for m, w, e in zip(teacher.master, teacher.weights, expected):
+        torch.testing.assert_close(m.double(), e, rtol=0, atol=1e-6)
+        assert torch.equal(w, m.to(torch.bfloat16))
+    # A bf16 accumulator would not have moved at all: 0.001 * 0.5 is below bf16 resolution near 1.
+    assert not torch.equal(teacher.weights[0], _params(torch.bfloat16)[0].detach())
+
+
+def test_live_teacher_holds_no_copy():
+    params = _params()
+    teacher = Teacher(TeacherConfig(mode="live"), params)
+    assert teacher.state_tensors() is None
+    assert teacher.weight_of(params[0]) is not params[0] and torch.equal(teacher.weight_of(params[0]), params[0])
+    assert not teacher.weight_of(params[0]).requires_grad
+
+
+# ------------------------------------------------------------------ checkpoint integrity
+def _complete(root, name="step_000003"):
+    ckpt = root / name
+    ckpt.mkdir(parents=True)
+    (ckpt / "__0_0.distcp").write_bytes(b"x" * 10)
+    (ckpt / MANIFEST).write_text(json.dumps({"__0_0.distcp": 10}))
+    (root / LATEST).write_text(name)
+    return ckpt
+
+
+def test_resolve_follows_latest_and_verify_accepts_complete(tmp_path):
+    ckpt = _complete(tmp_path)
+    assert resolve(tmp_path) == ckpt
+    verify(ckpt)
+    assert resolve(tmp_path / "empty") is None
+
+
+def test_damaged_or_partial_checkpoints_are_clear_errors(tmp_path):
+    ckpt = _complete(tmp_path)
+    (ckpt / "__0_0.distcp").write_bytes(b"x" * 4)
+    with pytest.raises(CheckpointError, match="damaged: __0_0.distcp has 4 bytes, expected 10"):
+        verify(ckpt)
+    (ckpt / "__0_0.distcp").unlink()
+    with pytest.raises(CheckpointError, match="damaged: __0_0.distcp is missing"):
+        verify(ckpt)
+    (ckpt / MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match="incomplete: no manifest.json"):
+        verify(ckpt)
+    (tmp_path / LATEST).write_text("step_000009")
+    with pytest.raises(CheckpointError, match="names step_000009, which does not exist"):
+        resolve(tmp_path)
+    (tmp_path / LATEST).unlink()
+    with pytest.raises(CheckpointError, match="no 'latest' pointer"):
+        resolve(tmp_path)
+
+
+# ------------------------------------------------------------------ config sections
+def test_sections_reject_unknown_keys_and_bad_values():
+    with pytest.raises(ValidationError, match="extra"):
+        OptimConfig(learning_rate=1.0)
+    with pytest.raises(ValidationError):
+        TeacherConfig(mode="ema", ema_decay=1.0)
+    assert OptimConfig().clip_grad == 0.1 and TeacherConfig().mode == "fixed"

@@ -7,14 +7,18 @@ Builds a random ~1 GB bf16 Llama-style checkpoint, then times
   hf->mg:   build the Megatron model, load the HF shards, save a dist checkpoint,
   mg->hf:   build the model, load the dist checkpoint, stream-export HF shards,
 and prints conversion speed as a multiple of raw I/O speed (goal: >= 0.5x). Conversions run
-in-process (no interpreter start-up), at TP=1, skipping the random init of weights that are
-overwritten anyway (``perform_initialization=False``).
+in-process (no interpreter start-up), at TP=1, with the same calls as tools/convert_*.py
+(including ``perform_initialization=False``: every weight is loaded right after the build).
+Each line also gives the CPU seconds spent (this process and the checkpoint writers it forks),
+which other jobs on a shared machine stretch less than the wall time.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import resource
 import shutil
 import tempfile
 import time
@@ -54,17 +58,26 @@ def make_source(out: Path, layers: int) -> tuple[LlamaConfig, int]:
     return config, sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (Megatron's forked checkpoint writers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 class Clock:
-    """Wall time per named phase, one entry per repeat."""
+    """Wall and CPU time per named phase, one entry per repeat. CPU time shows the work done
+    even when other jobs on a shared machine stretch the wall time."""
 
     def __init__(self) -> None:
         self.times: dict[str, list[float]] = defaultdict(list)
+        self.cpu: dict[str, list[float]] = defaultdict(list)
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         yield
         self.times[name].append(time.perf_counter() - start)
+        self.cpu[name].append(cpu_seconds() - cpu)
 
 
 def raw_io(src: Path, dst: Path) -> None:
@@ -117,14 +130,15 @@ def main() -> None:
     gb = nbytes / 1e9
     best = {name: min(secs) for name, secs in clock.times.items()}
     raw = best["raw safetensors read+write"]
-    print(f"checkpoint: {gb:.2f} GB bf16, {args.layers} layers; best of {args.repeats} interleaved runs")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"checkpoint: {gb:.2f} GB bf16, {args.layers} layers; best of {args.repeats} interleaved runs; load average {load}")
     order = ["raw safetensors read+write", "hf -> megatron", "megatron -> hf"]
     order[2:2] = [n for n in best if n.startswith("  hf->mg")]
     order += [n for n in best if n.startswith("  mg->hf")]
     for name in order:
         secs = best[name]
         ratio = f"  = {raw / secs:.2f}x raw I/O" if name in ("hf -> megatron", "megatron -> hf") else ""
-        print(f"{name:<34} {secs:6.2f} s  ({gb / secs:5.2f} GB/s){ratio}")
+        print(f"{name:<34} {secs:6.2f} s  ({gb / secs:5.2f} GB/s)  cpu {min(clock.cpu[name]):5.2f} s{ratio}")
 
 
 if __name__ == "__main__":

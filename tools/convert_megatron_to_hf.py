@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     hf_files = Path(args.hf_config) if args.hf_config else checkpoint.hf_config_dir(args.megatron_dir)
     config = load_hf_config(hf_files)
     dtype = checkpoint_dtype(config)
-    chunks = build_model(config, dtype)
+    chunks = build_model(config, dtype, perform_initialization=False)  # every weight is loaded next
     checkpoint.load(chunks, args.megatron_dir)
     with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
         tensors = export_hf_tensors(chunks, dtype)

@@ -72,7 +72,9 @@ def build_model(
     """This rank's model chunks for the current Megatron parallel state (one chunk per rank).
 
     Parameters are randomly initialized; load weights with ``bridge.load_hf_weights`` or
-    ``checkpoint.load``. ``config_overrides`` go to ``TransformerConfig`` (e.g. recompute).
+    ``checkpoint.load``. ``config_overrides`` go to ``TransformerConfig`` (e.g. recompute); pass
+    ``perform_initialization=False`` when every weight is loaded right after (the random init
+    took 5 s of a 1 GB model's 6 s conversion on CPU, measured).
     """
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()

@@ -10,11 +10,16 @@ Layout of a checkpoint directory::
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensorFactory
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from megatron_opsd.models.gpt import OPSDGPTModel
@@ -42,6 +47,53 @@ def use_fork_results_queue() -> None:
         filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
 
 
+@contextlib.contextmanager
+def _without_crc32() -> Iterator[None]:
+    """Let ``torch.save`` (Megatron's writers serialize every tensor with it) skip the zip CRC32.
+
+    Computing it doubled the writers' CPU time (measured: 0.5-0.7 s vs 0.24 s per GB) and nothing
+    checks it: ``torch.load``, which dist checkpoints read through, ignores it (see
+    ``torch.serialization.set_crc32_options``). The writer processes are forked inside, so they
+    inherit the setting; the previous one is restored afterwards.
+    """
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
+
+
+def _merge_in_place(sharded_state_dict: ShardedStateDict) -> ShardedStateDict:
+    """Skip the re-assembly copy of tensor factories that loaded straight into their parameter.
+
+    Megatron saves ``linear_fc1`` of SwiGLU MLPs as two halves (a ``ShardedTensorFactory`` whose
+    build returns dim-0 views of the parameter); on load it reads into those views, then
+    ``torch.cat``s them into a new tensor that ``load_state_dict`` copies back: two redundant
+    copies of 40% of a Llama's bytes. When the loaded parts are exactly the parameter's dim-0
+    chunks, the parameter already holds the merged result (merge is build's inverse), so return
+    it; anything else goes to the factory's own merge.
+    """
+    for factory in nested_values(sharded_state_dict):
+        if isinstance(factory, ShardedTensorFactory):
+            factory.merge_fn = _reuse_if_loaded_in_place(factory.data, factory.merge_fn)
+    return sharded_state_dict
+
+
+def _reuse_if_loaded_in_place(data: torch.Tensor, merge_fn):
+    def merge(parts):
+        if isinstance(parts, list) and all(isinstance(p, torch.Tensor) for p in parts):
+            views = data.chunk(len(parts))
+            if len(views) == len(parts) and all(
+                (p.data_ptr(), p.shape, p.stride()) == (v.data_ptr(), v.shape, v.stride())
+                for p, v in zip(parts, views, strict=True)
+            ):
+                return data
+        return merge_fn(parts)
+
+    return merge
+
+
 def save(
     chunks: list[OPSDGPTModel], out_dir: str | Path, hf_files_from: str | Path, *, overwrite: bool = False
 ) -> Path:
@@ -50,7 +102,8 @@ def save(
     (chunk,) = chunks
     use_fork_results_queue()
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        dist_checkpointing.save(chunk.sharded_state_dict(), str(tmp))  # wants an empty directory
+        with _without_crc32():
+            dist_checkpointing.save(chunk.sharded_state_dict(), str(tmp))  # wants an empty directory
         if dist.get_rank() == 0:
             (tmp / HF_SUBDIR).mkdir()
             copy_non_weight_files(Path(hf_files_from), tmp / HF_SUBDIR)
@@ -63,7 +116,7 @@ def load(chunks: list[OPSDGPTModel], ckpt_dir: str | Path) -> None:
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a Megatron dist checkpoint: no metadata.json")
-    state = dist_checkpointing.load(chunk.sharded_state_dict(), str(ckpt_dir))
+    state = dist_checkpointing.load(_merge_in_place(chunk.sharded_state_dict()), str(ckpt_dir))
     chunk.load_state_dict(state)
 
 

@@ -35,6 +35,7 @@ from typing import Any, Literal, TextIO, TypeVar
 from pydantic import Field
 from tqdm import tqdm
 
+from megatron_opsd.fileio import atomic_write_text
 from megatron_opsd.section import Section
 
 log = logging.getLogger(__name__)
@@ -106,9 +107,7 @@ def truncate_metrics(path: Path, start_step: int) -> int:
     kept = [raw for raw, record in records if record["step"] < start_step]
     dropped = len(records) + torn - len(kept)
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
     return dropped
 
 

@@ -20,7 +20,7 @@ from pydantic import Field
 from megatron_opsd.config import ConfigError, load_config
 from megatron_opsd.data.prompts import PromptBuilder, PromptConfig, PromptError
 from megatron_opsd.data.sources import DataConfig, DataError, Problem, load_problems
-from megatron_opsd.eval.evaluate import EvalConfig, _write_json, evaluate, reference_of
+from megatron_opsd.eval.evaluate import EvalConfig, write_report, evaluate, reference_of
 from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_opsd.section import Section
 
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = evaluate(engine, chosen, builder, cfg.eval, progress=True)
     report = {"model": str(args.model.resolve()), "data": problems.label, **report}
-    _write_json(args.out, report)
+    write_report(args.out, report)
     k = cfg.eval.k
     print(f"eval: {args.model} on {problems.label}: {len(chosen)} problems x {k} samples")
     print("  " + " | ".join(f"{name} {value:.1%}" for name, value in report["metrics"].items()))

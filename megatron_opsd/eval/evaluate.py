@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from megatron_opsd.data.prompts import PromptBuilder
 from megatron_opsd.data.sources import Problem
 from megatron_opsd.eval.grader import answers_match, extract_boxed, grade
+from megatron_opsd.fileio import atomic_write_text
 from megatron_opsd.rollout.engine import RolloutEngine, SamplingParams
 from megatron_opsd.section import Section
 
@@ -193,13 +193,10 @@ def evaluate(
         "problems": rows,
     }
     if out is not None:
-        _write_json(Path(out), report)
+        write_report(out, report)
     return report
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically: a reader never sees a half-written report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+def write_report(path: str | Path, report: dict[str, Any]) -> None:
+    """Write a JSON report atomically: a reader never sees a half-written one."""
+    atomic_write_text(path, json.dumps(report, indent=1))

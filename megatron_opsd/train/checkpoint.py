@@ -36,6 +36,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import unwrap_model
 from pydantic import Field
 
+from megatron_opsd.fileio import atomic_write_text
 from megatron_opsd.opsd.teacher import Teacher
 from megatron_opsd.section import Section
 
@@ -127,15 +128,6 @@ def _write_manifest(path: Path) -> None:
     (path / MANIFEST).write_text(json.dumps(files, indent=0))
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -169,7 +161,7 @@ def save_checkpoint(
         _write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
-        _atomic_write(root / LATEST, name)
+        atomic_write_text(root / LATEST, name)
         _prune(root, keep_last)
     dist.barrier()
     return final

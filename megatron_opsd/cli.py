@@ -18,6 +18,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "megatron_opsd.data.preview",  # opsd data preview
     "megatron_opsd.eval.cli",  # opsd eval
     "megatron_opsd.convert",  # opsd convert
+    "megatron_opsd.train.cli",  # opsd train
+    "megatron_opsd.demo",  # opsd demo
 )
 
 

@@ -11,6 +11,8 @@ import argparse
 import statistics
 from pathlib import Path
 
+import yaml
+
 from megatron_opsd.config import ConfigError, load_config
 from megatron_opsd.data.packing import PackingConfig, PackingError, assign_micro_batches
 from megatron_opsd.data.prompts import PromptBuilder, PromptConfig, PromptError
@@ -19,7 +21,8 @@ from megatron_opsd.section import Section
 
 
 class PreviewConfig(Section):
-    """The data-side subtree of a training config: what ``opsd data preview`` reads."""
+    """The data-side subtree of a training config: what ``opsd data preview`` reads (from a file
+    with just these keys, or from a whole ``opsd train`` config)."""
 
     tokenizer: str
     data: DataConfig
@@ -31,7 +34,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="inspect a data set")
     sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     p = sub.add_parser("preview", help="render prompts, token counts and packing efficiency; fail on invalid rows")
-    p.add_argument("config", type=Path, help="YAML config with tokenizer, data, prompts, packing")
+    p.add_argument("config", type=Path, help="training config, or a YAML file with just tokenizer, data, prompts, packing")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.split=test")
     p.add_argument("--rows", type=int, default=3, help="problems to render (default 3)")
     p.add_argument("--step-samples", type=int, default=256, help="pairs packed together, as in one training step")
@@ -42,11 +45,26 @@ def _summary(values: list[int]) -> str:
     return f"min {min(values)} / median {int(statistics.median(values))} / max {max(values)}"
 
 
+def load_preview_config(path: Path, overrides: list[str]) -> PreviewConfig:
+    """A training config (recognised by its ``model`` section) is validated whole, then its
+    data-side subtree is taken; otherwise the file holds just that subtree."""
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        tree = None  # load_config reports it
+    if not (isinstance(tree, dict) and "model" in tree):
+        return load_config(PreviewConfig, path, overrides)
+    from megatron_opsd.train.config import TrainConfig  # imports Megatron: only when needed
+
+    full = load_config(TrainConfig, path, overrides)
+    return PreviewConfig(tokenizer=full.tokenizer, data=full.data, prompts=full.prompts, packing=full.packing)
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    cfg = load_config(PreviewConfig, args.config, args.overrides)
+    cfg = load_preview_config(args.config, args.overrides)
     problems = load_problems(cfg.data)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
     builder = PromptBuilder(tokenizer, cfg.prompts)

@@ -11,6 +11,11 @@ Student pass: the forward-backward schedule; the loss function on the last stage
 student's hidden states at the same response positions and calls ``fused_token_divergence`` with
 the stored teacher states and both output-layer shards (the teacher's from ``Teacher.weight_of``).
 
+Sampled-token log-probs (``logprob_temperature``): the student's log-prob of every response token
+at the sampling temperature, from the student pass's own hidden states (one more chunked matmul,
+no extra forward), returned per micro-batch so the loop can compare them with the rollout
+engine's log-probs (rollout-vs-trainer mismatch).
+
 Non-finite loss or gradient norm: the update is skipped (``train.optim.guarded_step``) and
 counted; ``StepConfig.max_consecutive_skips`` in a row raise ``NonFiniteError`` so the run stops
 before writing another checkpoint.
@@ -44,6 +49,7 @@ from pydantic import Field
 
 from megatron_opsd.data.packing import MicroBatch, PackedSequences, PackingConfig, pack_pairs, split_for_data_parallel
 from megatron_opsd.data.prompts import SequencePair
+from megatron_opsd.opsd.logprobs import token_logprobs
 from megatron_opsd.opsd.loss import LossConfig, fused_token_divergence
 from megatron_opsd.opsd.teacher import Teacher
 from megatron_opsd.section import Section
@@ -63,12 +69,18 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps; the last good checkpoint is untouched."""
 
 
-def rank_micro_batches(pairs: Sequence[SequencePair], cfg: PackingConfig, pad_multiple: int = 1, pad_id: int = 0) -> list[MicroBatch]:
-    """This DP rank's share of a step's pairs, packed; every DP rank gets the same micro-batch count
-    (Megatron's schedules run in lockstep across DP), padding-only micro-batches where needed."""
+def data_parallel_share(pairs: Sequence[SequencePair]) -> list[int]:
+    """Indices into ``pairs`` of this DP rank's share (token-balanced; the same on every rank)."""
     costs = [len(p.student_ids) + len(p.teacher_ids) for p in pairs]
     share = split_for_data_parallel(costs, parallel_state.get_data_parallel_world_size())
-    mine = [pairs[i] for i in share[parallel_state.get_data_parallel_rank()]]
+    return share[parallel_state.get_data_parallel_rank()]
+
+
+def rank_micro_batches(pairs: Sequence[SequencePair], cfg: PackingConfig, pad_multiple: int = 1, pad_id: int = 0) -> list[MicroBatch]:
+    """This DP rank's share of a step's pairs, packed; every DP rank gets the same micro-batch count
+    (Megatron's schedules run in lockstep across DP), padding-only micro-batches where needed.
+    ``MicroBatch.sample_ids`` index into the share (``data_parallel_share(pairs)``)."""
+    mine = [pairs[i] for i in data_parallel_share(pairs)]
     batches = pack_pairs(mine, cfg, pad_multiple, pad_id)
     count = torch.tensor(len(batches), device=_device())
     torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
@@ -81,6 +93,9 @@ def rank_micro_batches(pairs: Sequence[SequencePair], cfg: PackingConfig, pad_mu
 class StepResult:
     applied: bool
     metrics: dict[str, float]
+    # With ``logprob_temperature``: per micro-batch [R_j] student log-probs of the response tokens
+    # (last pipeline stage; None elsewhere or when not requested).
+    target_logprobs: list[torch.Tensor] | None = None
 
 
 def _device() -> torch.device:
@@ -110,6 +125,7 @@ class OPSDStep:
         teacher: Teacher,
         loss_cfg: LossConfig,
         cfg: StepConfig = StepConfig(),
+        logprob_temperature: float | None = None,
     ):
         if len(chunks) != 1:
             raise ValueError("interleaved (virtual) pipeline stages are not supported: pass one chunk")
@@ -123,6 +139,7 @@ class OPSDStep:
         self.teacher = teacher
         self.loss_cfg = loss_cfg
         self.cfg = cfg
+        self.logprob_temperature = logprob_temperature
         self.skipped_total = 0
         self.consecutive_skips = 0
         # Packed rows differ in length: let the pipeline schedule exchange activation shapes.
@@ -173,6 +190,11 @@ class OPSDStep:
         stats = {"loss_sum": total.detach().float(), "loss_max": worst}
         stats.update(divergence_diagnostics(student.detach(), teacher_hidden, weight.detach(), teacher_weight,
                                             self.loss_cfg, group, self.cfg.diagnostic_tokens))
+        if self.logprob_temperature is not None:
+            with torch.no_grad():
+                stats["target_logprobs"] = token_logprobs(
+                    student.detach(), weight.detach(), side.targets.to(student.device), vocab_size=self.loss_cfg.vocab_size,
+                    temperature=self.logprob_temperature, chunk_size=self.loss_cfg.chunk_size)
         return total, torch.tensor(per_token.numel(), dtype=torch.int), stats
 
     def student_pass(self, batches: Sequence[MicroBatch], teacher_hidden: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -203,6 +225,8 @@ class OPSDStep:
         with timer.phase("student_pass"):
             per_mb = self.student_pass(batches, teacher_hidden)
         del teacher_hidden
+        target_logprobs = [d.pop("target_logprobs") for d in per_mb] \
+            if self.logprob_temperature is not None and parallel_state.is_pipeline_last_stage() else None
         stats = self._reduce(per_mb, batches)
         tokens = max(stats["tokens"], 1.0)
         loss = stats["loss_sum"] / tokens
@@ -242,7 +266,7 @@ class OPSDStep:
             raise NonFiniteError(
                 f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient norm "
                 f"(last: loss={loss}, grad_norm={grad_norm}); stopping, the last good checkpoint is kept")
-        return StepResult(applied, metrics)
+        return StepResult(applied, metrics, target_logprobs)
 
     def _reduce(self, per_mb: list[dict[str, torch.Tensor]], batches: Sequence[MicroBatch]) -> dict[str, float]:
         """Loss statistics from the last stage, summed over DP, then shared along the pipeline."""

@@ -1,0 +1,42 @@
+"""Log-probability of given next tokens from final hidden states and a vocab-parallel output layer.
+
+Two users: the SFT loss (``-log p(target)``, with gradients) and the rollout-vs-trainer mismatch
+(the student's log-prob of each sampled token at the sampling temperature, without gradients).
+Logits are formed ``chunk_size`` tokens at a time and reduced across tensor-parallel ranks by
+Megatron's ``vocab_parallel_cross_entropy``; padded vocabulary rows are masked to -inf. Under
+autograd each chunk is recomputed in backward (activation checkpointing), so no more than one
+``[chunk_size, V_local]`` block of logits is alive at a time in either direction.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from torch.utils.checkpoint import checkpoint
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, vocab_size: int,
+                   temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
+    """``log_softmax(hidden @ W^T / temperature)[target]`` per token: ``[N]`` fp32, the same on every TP rank.
+
+    ``weight`` is this TP rank's output-layer shard ``[V_local, H]`` (rows ``rank * V_local ...``);
+    rows at global index ``>= vocab_size`` are padding. ``targets`` are global token ids ``[N]``.
+    Collective over Megatron's tensor-parallel group.
+    """
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    valid = max(0, min(weight.shape[0], vocab_size - rank * weight.shape[0]))
+
+    def chunk(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = (h @ weight.T).float() / temperature
+        if valid < logits.shape[1]:
+            logits = logits.index_fill(1, torch.arange(valid, logits.shape[1], device=logits.device), -math.inf)
+        return -vocab_parallel_cross_entropy(logits, t)
+
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    parts = []
+    for s in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]
+        parts.append(checkpoint(chunk, h, t, use_reentrant=False) if grad else chunk(h, t))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)

@@ -1,0 +1,248 @@
+"""``opsd train`` end to end on a tiny model, the shipped tokenizer and arithmetic data (CPU, one process).
+
+- OPSD: a run killed after its step-2 checkpoint and resumed reproduces the uninterrupted run's
+  per-step losses exactly; rollouts match the trainer's log-probs; eval, plot, summary are written.
+- SFT: the step-1 loss equals a transformers cross-entropy on the same batch; the loss falls.
+- A corrupted weight sync stops the run at the probe check, before any step.
+- CLI: unknown keys and bad data rows are exit-2 errors with the key's suggestion / the row index.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from megatron_opsd.cli import main
+from megatron_opsd.data.prompts import PromptBuilder, PromptConfig
+from megatron_opsd.data.sources import DataConfig, ProblemIterator, load_problems
+from megatron_opsd.tracking import read_metrics
+from tests.distributed import _free_port
+from tests.tiny_models import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The CI machine is oversubscribed: more threads per process only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    return save_tiny_model("qwen3", tmp_path_factory.mktemp("model") / "hf")  # vocab 1000 >= the tokenizer's 752
+
+
+def write_config(tmp_path: Path, hf_dir: Path, **top) -> Path:
+    cfg = {
+        "run_dir": str(tmp_path / "run"), "seed": 3, "steps": 3, "prompts_per_step": 3,
+        "tokenizer": str(REPO / "data/tokenizer"), "model": {"hf": str(hf_dir)},
+        "data": {"path": str(REPO / "data/arith/train.jsonl")},
+        "prompts": {"max_student_prompt_tokens": 128, "max_teacher_prompt_tokens": 384},
+        "packing": {"tokens_per_micro_batch": 256, "teacher_tokens_per_micro_batch": 512},
+        "rollout": {"max_new_tokens": 12, "stop_tokens": ["<|im_end|>"], "probe_tolerance": 1e-3, "probe_tokens": 48},
+        "optim": {"lr": 1e-3, "clip_grad": 1.0},
+        "checkpoint": {"dir": str(tmp_path / "run" / "ckpt"), "interval": 1, "keep_last": 2},
+        "eval": {"data": {"path": str(REPO / "data/arith/test.jsonl"), "shuffle": False}, "limit": 2, "k": 1,
+                 "temperature": 0.0, "max_new_tokens": 8, "stop_tokens": ["<|im_end|>"]},
+        "tracking": {"wandb": False, "progress": False},
+        **top,
+    }
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def test_opsd_resume_reproduces_the_uninterrupted_run(tmp_path, hf_dir, monkeypatch):
+    whole = write_config(tmp_path / "whole", hf_dir)
+    assert main(["train", str(whole)]) == 0
+    run = tmp_path / "whole" / "run"
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:  # the engine sampled from exactly the trainer's weights
+        assert r["mismatch/logprob_abs_diff_mean"] < 1e-4 and r["probe/logprob_abs_diff_max"] < 1e-4
+        assert r["response_len_max"] <= 12 and r["divergence"] == r["loss"]
+    assert "eval/avg@1" in records[-1] and (run / "eval" / "step_000003.json").is_file()
+    assert (run / "metrics.png").is_file() and json.loads((run / "summary.json").read_text())["steps"] == 3
+    assert sorted(p.name for p in (run / "ckpt").glob("step_*")) == ["step_000002", "step_000003"]
+
+    from megatron_opsd.opsd.step import OPSDStep
+
+    calls, real_call = [], OPSDStep.__call__
+
+    def dies_in_step_3(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_call(self, *args, **kwargs)
+
+    interrupted = write_config(tmp_path / "interrupted", hf_dir)
+    monkeypatch.setattr(OPSDStep, "__call__", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", str(interrupted)])
+    monkeypatch.setattr(OPSDStep, "__call__", real_call)
+    assert len(losses(tmp_path / "interrupted" / "run")) == 2
+    assert main(["train", str(interrupted)]) == 0
+    assert losses(tmp_path / "interrupted" / "run") == losses(run)
+
+
+def _reference_sft_loss(hf_dir: Path, cfg_path: Path) -> float:
+    """Mean token cross-entropy of the first step's batch under the transformers model."""
+    cfg = yaml.safe_load(cfg_path.read_text())
+    tokenizer = AutoTokenizer.from_pretrained(cfg["tokenizer"])
+    builder = PromptBuilder(tokenizer, PromptConfig(**cfg["prompts"]))
+    data = DataConfig(**cfg["data"])
+    items = ProblemIterator(load_problems(data), data.seed).take(cfg["prompts_per_step"])
+    model = AutoModelForCausalLM.from_pretrained(hf_dir)
+    total, count = 0.0, 0
+    for item in items:
+        prompt = builder.student_ids(item)
+        ids = prompt + tokenizer.encode(item.solution, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, len(prompt) - 1:-1]
+        total += float(torch.nn.functional.cross_entropy(logits.double(), torch.tensor(ids[len(prompt):]), reduction="sum"))
+        count += len(ids) - len(prompt)
+    return total / count
+
+
+def test_sft_cross_entropy_and_learning(tmp_path, hf_dir):
+    path = write_config(tmp_path, hf_dir, algorithm="sft", steps=4, optim={"lr": 3e-3, "clip_grad": 1.0},
+                        eval={"data": None})
+    assert main(["train", str(path)]) == 0
+    got = losses(tmp_path / "run")
+    assert got[0] == pytest.approx(_reference_sft_loss(hf_dir, path), rel=1e-4)
+    assert got[-1] < got[0] - 0.3, got  # lr 3e-3 from a random model: about -0.7 in 3 updates
+    record = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert "top1_agreement" not in record and "mismatch/logprob_abs_diff_mean" not in record
+
+
+def test_a_corrupted_weight_sync_stops_the_run(tmp_path, hf_dir, monkeypatch):
+    from megatron_opsd.train import loop
+
+    real = loop.export_hf_tensors
+
+    def corrupted(chunks, dtype=None):
+        for name, tensor in real(chunks, dtype):
+            yield name, tensor + 0.05 if name == "model.layers.1.mlp.down_proj.weight" else tensor
+
+    monkeypatch.setattr(loop, "export_hf_tensors", corrupted)
+    with pytest.raises(loop.ProbeMismatchError, match=r"after weight sync 0, .* > rollout.probe_tolerance=0.001"):
+        main(["train", str(write_config(tmp_path, hf_dir))])
+    assert not (tmp_path / "run" / "ckpt").exists()
+
+
+def test_cli_unknown_key_is_an_error_with_a_suggestion(tmp_path, hf_dir, capsys):
+    assert main(["train", str(write_config(tmp_path, hf_dir)), "rollout.sync_intervall=2"]) == 2
+    assert "unknown key 'rollout.sync_intervall' (did you mean 'rollout.sync_interval'?)" in capsys.readouterr().err
+
+
+def test_cli_bad_data_row_reaches_the_user(tmp_path, hf_dir, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"problem": "1+1?", "solution": "2", "answer": "2"}) + "\n"
+                   + json.dumps({"problem": "2+2?", "solution": "", "answer": "4"}) + "\n")
+    assert main(["train", str(write_config(tmp_path, hf_dir)), f"data.path={bad}"]) == 2
+    assert "row 1: field 'solution' (path 'solution') is empty" in capsys.readouterr().err
+
+
+def test_cli_help_documents_every_key(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for key in ("algorithm", "model.config", "rollout.sync_interval", "rollout.probe_tolerance", "loss.clip",
+                "eval.interval", "eval.data.path", "checkpoint.interval", "tracking.wandb", "optim.lr"):
+        assert f"  {key} (" in out or f"  {key}:" in out, key
+
+
+def test_demo_runs_warmup_opsd_and_sft_and_prints_the_summary_line(tmp_path, hf_dir, capsys):
+    path = write_config(tmp_path, hf_dir, steps=1, checkpoint={"interval": 1})
+    assert main(["demo", str(path), "--warmup-steps", "1"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert last == (f"demo: base {summary['base']:.1%} -> opsd {summary['opsd']:.1%} (sft {summary['sft']:.1%}) "
+                    f"in {summary['seconds']:.0f} s")
+    assert re.fullmatch(r"demo: base \d+\.\d% -> opsd \d+\.\d% \(sft \d+\.\d%\) in \d+ s", last)
+    assert (tmp_path / "run" / "warmup" / "hf" / "config.json").is_file()
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "opsd" / "metrics.jsonl")] == [0, 1]
+    assert main(["demo", str(path)]) == 2  # a used run directory is refused
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_data_preview_reads_a_training_config(tmp_path, hf_dir, capsys):
+    path = write_config(tmp_path, hf_dir)
+    assert main(["data", "preview", str(path), "--rows", "1", "--step-samples", "16"]) == 0
+    assert f"data: {REPO / 'data/arith/train.jsonl'} [train]: 4000 rows, 4000 usable" in capsys.readouterr().out
+    assert main(["data", "preview", str(path), "optim.lrr=1"]) == 2  # validated as a whole training config
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
+
+
+def test_a_weight_stream_the_engine_refuses_stops_the_run(tmp_path, hf_dir, monkeypatch):
+    from megatron_opsd.rollout.embedded import WeightSyncError
+    from megatron_opsd.train import loop
+
+    real = loop.export_hf_tensors
+    monkeypatch.setattr(loop, "export_hf_tensors", lambda chunks: (
+        (name.replace("mlp.down_proj", "mlp.down"), t) for name, t in real(chunks)))
+    with pytest.raises(WeightSyncError, match="model.layers.0.mlp.down.weight: unknown name"):
+        main(["train", str(write_config(tmp_path, hf_dir))])
+
+
+def test_sft_pairs_render_the_requested_share_with_the_teacher_prompt():
+    from megatron_opsd.train.sft import sft_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "data/tokenizer")
+    builder = PromptBuilder(tokenizer, PromptConfig())
+    items = list(load_problems(DataConfig(path=str(REPO / "data/arith/test.jsonl"))).problems[:4])
+    end = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    pairs = sft_pairs(items, builder, end, teacher_prompt_fraction=0.5)
+    for i, (item, pair) in enumerate(zip(items, pairs)):
+        prompt = builder.teacher_ids(item) if i < 2 else builder.student_ids(item)
+        assert pair.student_ids == pair.teacher_ids
+        assert list(pair.student_ids) == prompt + tokenizer.encode(item.solution, add_special_tokens=False) + end
+        assert pair.student_response_start == len(prompt)
+
+
+def torchrun_train(config: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={_free_port()}", "-m", "megatron_opsd.cli", "train", str(config), *overrides]
+    return subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
+def test_two_ranks_reproduce_the_single_process_run(tmp_path, hf_dir, layout):
+    """Under torchrun: rollouts on rank 0 broadcast, the exporter and probe as collectives, the
+    vocab-parallel log-probs (TP) and the last-stage metrics (PP) give the single-process numbers."""
+    path = write_config(tmp_path, hf_dir, steps=2)
+    assert main(["train", str(path), "checkpoint.dir=null"]) == 0
+    single = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    proc = torchrun_train(path, layout, "checkpoint.dir=null", f"run_dir={tmp_path / 'two'}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    for a, b in zip(single, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-7)
+        assert b["mismatch/logprob_abs_diff_mean"] < 1e-4 and b["probe/logprob_abs_diff_max"] < 1e-4
+
+
+def test_an_engine_error_on_rank_0_stops_every_rank(tmp_path, hf_dir):
+    """The other ranks raise too, instead of waiting for rank 0 in a collective until the timeout."""
+    proc = torchrun_train(write_config(tmp_path, hf_dir, steps=1), "eval.max_new_tokens=1000", timeout=120)
+    assert proc.returncode != 0
+    assert "ValueError: prompt 0: " in proc.stderr and "exceed the model's max_position_embeddings=256" in proc.stderr
+    assert "RuntimeError: ValueError on rank 0: prompt 0: " in proc.stderr

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from megatron_opsd.opsd.loss import LossConfig, dense_token_divergence, fused_token_divergence
 from tests.distributed import assert_check, launch
-from tests.workers.loss_tp import CHECKS, VARIANTS, assert_matches_dense, dense_reference, fused, make_case
+from tests.workers.loss_tp import (CHECKS, TOLERANCE, VARIANTS, assert_matches_dense, dense_reference, fused,
+                                   make_case, relative_error)
 
 PROPERTY = settings(max_examples=25, deadline=None)
 DIVERGENCES = [v for v in VARIANTS if v != "sampled_token"]
@@ -140,6 +141,79 @@ def test_second_backward_and_no_grad() -> None:
     torch.testing.assert_close(again, dense_reference(case)[0], rtol=1e-10, atol=1e-14)
 
 
+def _main_grad_weight(case, dtype: torch.dtype) -> torch.nn.Parameter:
+    """The student weight as a parameter with a Megatron-DDP-style ``main_grad`` already holding
+    a (small, so that fp32 differences stay exact enough) gradient, which the loss must add to."""
+    ws = torch.nn.Parameter(case.student_weight.to(dtype, copy=True))
+    ws.main_grad = 1e-3 * torch.randn(ws.shape, dtype=torch.promote_types(dtype, torch.float32),
+                                      generator=torch.Generator().manual_seed(0))
+    return ws
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_main_grad_matches_dense(variant: str, dtype: torch.dtype) -> None:
+    """With ``main_grad_scale`` the weight gradient is added to ``main_grad`` (autograd gets none)
+    and equals the dense reference for an upstream gradient of that scale."""
+    case = make_case(variant, seed=list(VARIANTS).index(variant))
+    scale = 0.25
+    case.upstream = torch.full_like(case.upstream, scale)
+    ws = _main_grad_weight(case, dtype)
+    before = ws.main_grad.clone()
+    hs = case.student_hidden.to(dtype, copy=True).requires_grad_()
+    loss = fused_token_divergence(hs, case.teacher_hidden.to(dtype), ws, case.teacher_weight.to(dtype), case.cfg,
+                                  case.target_ids, main_grad_scale=scale)
+    (loss.sum() * scale).backward()
+    ref_loss, ref_h, ref_w = dense_reference(case)
+    assert ws.grad is None
+    for name, actual, expected in (("loss", loss, ref_loss), ("grad hidden", hs.grad, ref_h),
+                                   ("main_grad", ws.main_grad - before, ref_w)):
+        err = relative_error(actual.detach(), expected)
+        assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("upstream", ["other-scale", "per-token"])
+def test_main_grad_broken_promise_raises(upstream: str) -> None:
+    case = make_case("reverse_kl-clipon-topk", seed=6)
+    ws = _main_grad_weight(case, torch.float64)
+    loss = fused_token_divergence(case.student_hidden, case.teacher_hidden, ws, case.teacher_weight, case.cfg,
+                                  main_grad_scale=1.0)
+    weights = torch.full_like(loss, 0.5) if upstream == "other-scale" else torch.rand_like(loss)
+    with pytest.raises(RuntimeError, match=r"main_grad_scale=1\.0.*main_grad is now wrong"):
+        (loss * weights).sum().backward()
+
+
+def test_main_grad_untouched_without_backward_graph() -> None:
+    """no_grad, or a weight that does not require grad: plain forward, main_grad unchanged."""
+    case = make_case("jsd-clipon-topk", seed=8)
+    ws = _main_grad_weight(case, torch.float64)
+    before = ws.main_grad.clone()
+    with torch.no_grad():
+        loss = fused_token_divergence(case.student_hidden, case.teacher_hidden, ws, case.teacher_weight, case.cfg,
+                                      main_grad_scale=1.0)
+    ws.requires_grad_(False)
+    hs = case.student_hidden.clone().requires_grad_()
+    loss_hs = fused_token_divergence(hs, case.teacher_hidden, ws, case.teacher_weight, case.cfg, main_grad_scale=1.0)
+    loss_hs.sum().backward()
+    torch.testing.assert_close(loss, dense_reference(case)[0], rtol=1e-10, atol=1e-14)
+    assert torch.equal(ws.main_grad, before) and hs.grad.abs().max() > 0
+
+
+def test_main_grad_second_backward_goes_through_autograd() -> None:
+    """A retained graph's second backward recomputes and returns the weight gradient normally."""
+    case = make_case("forward_kl-clipoff-topall", seed=10)
+    ws = _main_grad_weight(case, torch.float64)
+    before = ws.main_grad.clone()
+    total = fused_token_divergence(case.student_hidden, case.teacher_hidden, ws, case.teacher_weight, case.cfg,
+                                   main_grad_scale=1.0).sum()
+    total.backward(retain_graph=True)
+    added = ws.main_grad - before
+    assert ws.grad is None
+    total.backward()
+    torch.testing.assert_close(ws.grad, added, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(ws.main_grad - before, added, rtol=0, atol=0)
+
+
 def test_input_errors() -> None:
     case = make_case("sampled_token", seed=1)
     args = (case.student_hidden, case.teacher_hidden, case.student_weight, case.teacher_weight, case.cfg)
@@ -149,6 +223,8 @@ def test_input_errors() -> None:
         fused_token_divergence(*args, target_ids=torch.full_like(case.target_ids, case.cfg.vocab_size))
     with pytest.raises(ValueError, match="shape mismatch"):
         fused_token_divergence(*args[:2], args[2][:, :-1], *args[3:], target_ids=case.target_ids)
+    with pytest.raises(ValueError, match="main_grad_scale needs student_weight.main_grad"):
+        fused_token_divergence(*args, target_ids=case.target_ids, main_grad_scale=1.0)
     small = case.cfg.model_copy(update={"vocab_size": case.student_weight.shape[0] + 1})
     with pytest.raises(ValueError, match="cannot hold"):
         fused_token_divergence(*args[:4], small, target_ids=case.target_ids)
@@ -175,8 +251,9 @@ def test_config_validation(fields: dict, message: str) -> None:
 
 def test_config_defaults_and_kind() -> None:
     cfg = LossConfig(vocab_size=10)
-    defaults = (cfg.divergence, cfg.temperature, cfg.clip, cfg.top_k, cfg.sampled_token, cfg.weight_grad_fp32)
-    assert defaults == ("forward_kl", 1.1, 0.05, None, False, True)
+    defaults = (cfg.divergence, cfg.temperature, cfg.clip, cfg.top_k, cfg.sampled_token, cfg.weight_grad_fp32,
+                cfg.weight_grad_chunks)
+    assert defaults == ("forward_kl", 1.1, 0.05, None, False, True, 1)
     assert LossConfig(vocab_size=10, divergence="jsd", beta=0.0).kind == "forward_kl"
     assert LossConfig(vocab_size=10, divergence="jsd", beta=1.0).kind == "reverse_kl"
     assert LossConfig(vocab_size=10, divergence="jsd", beta=0.5).kind == "jsd"

@@ -39,8 +39,11 @@ not depend on the tensor-parallel size or on sort order.
 
 Precision and memory of the fused loss: the matmuls run in the input dtype (bf16 GEMMs accumulate
 in fp32), logits are cast to fp32 (fp64 stays fp64) before any softmax statistic, and one chunk
-holds about four ``[chunk_size, V_local]`` fp32 tensors at a time. Besides that, gradients need an
-fp32 ``[N, H]`` hidden-gradient buffer and a ``[V_local, H]`` weight-gradient accumulator.
+holds about four ``[chunk_size, V_local]`` fp32 tensors at a time (plus, with ``weight_grad_chunks``
+``k > 1``, the logit gradients of ``k`` chunks in the input dtype). Besides that, gradients need an
+fp32 ``[N, H]`` hidden-gradient buffer and a ``[V_local, H]`` weight-gradient accumulator, except
+in training under Megatron DDP with ``main_grad_scale`` (see :func:`fused_token_divergence`), where
+the weight gradient goes straight into the parameter's fp32 ``main_grad`` buffer, which exists anyway.
 """
 from __future__ import annotations
 
@@ -71,6 +74,9 @@ class LossConfig(Section):
     weight_grad_fp32: bool = Field(True, description="accumulate the output-weight gradient over token chunks "
                                    "in fp32; False: in the weight dtype, one rounding per chunk, no fp32 "
                                    "[V_local, H] buffer")
+    weight_grad_chunks: int = Field(1, ge=1, description="chunks per weight-gradient GEMM: their logit "
+                                    "gradients are kept in the weight dtype until then, so a wide "
+                                    "(fp32) weight-gradient buffer is updated this many times less often")
 
     @model_validator(mode="after")
     def _consistent(self) -> LossConfig:
@@ -139,7 +145,8 @@ def dense_token_divergence(student_logits: torch.Tensor, teacher_logits: torch.T
 def fused_token_divergence(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
                            student_weight: torch.Tensor, teacher_weight: torch.Tensor, cfg: LossConfig,
                            target_ids: torch.Tensor | None = None,
-                           group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                           group: dist.ProcessGroup | None = None,
+                           main_grad_scale: float | None = None) -> torch.Tensor:
     """Per-token loss ``[N]`` (fp32; fp64 for fp64 inputs; identical on every TP rank) from final
     hidden states, never materializing more than ``[chunk_size, V_local]`` logits.
 
@@ -151,6 +158,8 @@ def fused_token_divergence(student_hidden: torch.Tensor, teacher_hidden: torch.T
             global index ``>= cfg.vocab_size`` are padding: never used, zero gradient.
         target_ids: ``[N]`` sampled token ids, for ``cfg.sampled_token`` only.
         group: the tensor-parallel group; None means no tensor parallelism.
+        main_grad_scale: opt-in for training under Megatron DDP (below); None (default) returns
+            the ``student_weight`` gradient through autograd as usual.
 
     Gradient contract:
         Gradients flow to ``student_hidden`` and ``student_weight`` only. The ``student_hidden``
@@ -168,6 +177,35 @@ def fused_token_divergence(student_hidden: torch.Tensor, teacher_hidden: torch.T
         token (``loss.sum()``, a token mean, ``sum / global_token_count``); otherwise (per-token
         weights, a multiplied mask) it recomputes exactly, chunk by chunk (2 more matmuls). Pass
         only the tokens that count rather than masking: masked tokens then cost nothing.
+
+    Weight gradient into ``main_grad`` (``main_grad_scale``):
+        Under Megatron's ``DistributedDataParallel`` every parameter has a ``main_grad`` buffer
+        (fp32 with ``grad_reduce_in_fp32``) that the DDP backward hook adds ``param.grad`` to. The
+        default path still builds a full ``[V_local, H]`` gradient (plus an fp32 accumulator)
+        for the hook to add; like Megatron's ``gradient_accumulation_fusion``, passing
+        ``main_grad_scale`` instead adds each token chunk's weight gradient to
+        ``student_weight.main_grad`` directly and gives autograd no weight gradient. Because it
+        happens in forward (the weight product is formed there, see above), the caller promises
+        the upstream gradient now: contract, checked in backward:
+
+        - The loss is backpropagated exactly once, with an upstream gradient equal to
+          ``main_grad_scale`` for every token. In the trainer: Megatron's schedule with
+          ``calculate_per_token_loss`` backpropagates ``per_token_loss.sum()`` times the
+          optimizer's loss scale, so ``main_grad_scale = float(optimizer.get_loss_scale())``
+          (1.0 for bf16 and fp32 training). Backward raises if the upstream gradient differs
+          (``student_weight.main_grad`` is then wrong: zero the grad buffers before another step).
+        - Only when autograd will need gradients (grad mode on, ``student_weight`` requires grad);
+          a ``torch.no_grad()`` pass leaves ``main_grad`` untouched. Do not pass it for a
+          grad-enabled forward that is never backpropagated (it would still add to ``main_grad``).
+        - ``weight_grad_fp32`` does not apply: accumulation is in ``main_grad``'s dtype.
+        - Tied embeddings work: the weight's other uses (the input-embedding lookup) still reach
+          ``param.grad`` through autograd and the DDP hook adds them once. That is why the loss
+          returns None, not a dummy gradient with ``grad_added_to_main_grad = True`` (Megatron's
+          linear layers), which would make the hook skip the embedding's part.
+        - Megatron DDP with ``overlap_grad_reduce=True`` is not supported for an untied output
+          weight: its hook asserts that ``param.grad`` is not None.
+        - A retained graph's second backward recomputes and returns the weight gradient through
+          autograd, as without ``main_grad_scale``.
     """
     _check_targets(cfg, target_ids)
     n, hidden = student_hidden.shape
@@ -182,9 +220,14 @@ def fused_token_divergence(student_hidden: torch.Tensor, teacher_hidden: torch.T
         raise ValueError(f"{tp} shards of {v_local} rows cannot hold vocab_size={cfg.vocab_size}")
     if target_ids is not None and target_ids.numel() != n:
         raise ValueError(f"target_ids has {target_ids.numel()} entries for {n} tokens")
+    if main_grad_scale is not None and getattr(student_weight, "main_grad", None) is None:
+        raise ValueError("main_grad_scale needs student_weight.main_grad (a parameter of a Megatron "
+                         "DistributedDataParallel module); pass main_grad_scale=None otherwise")
     precompute = torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad)
+    into_main_grad = torch.is_grad_enabled() and student_weight.requires_grad and main_grad_scale is not None
     return _FusedTokenDivergence.apply(student_hidden, student_weight, teacher_hidden.detach(),
-                                       teacher_weight.detach(), target_ids, cfg, group, precompute)
+                                       teacher_weight.detach(), target_ids, cfg, group, precompute,
+                                       main_grad_scale if into_main_grad else None)
 
 
 def _check_targets(cfg: LossConfig, target_ids: torch.Tensor | None) -> None:
@@ -196,14 +239,22 @@ def _check_targets(cfg: LossConfig, target_ids: torch.Tensor | None) -> None:
 
 
 class _FusedTokenDivergence(torch.autograd.Function):
+    """Three backward paths: the forward's products scaled by a uniform upstream gradient; the
+    products as promised by ``main_grad_scale`` (weight part already in ``main_grad``); recompute."""
+
     @staticmethod
     def forward(ctx, hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.Tensor,
                 targets: torch.Tensor | None, cfg: LossConfig, group: dist.ProcessGroup | None,
-                precompute: bool) -> torch.Tensor:
-        ctx.cfg, ctx.group = cfg, group
+                precompute: bool, main_grad_scale: float | None) -> torch.Tensor:
+        ctx.cfg, ctx.group, ctx.main_grad_scale = cfg, group, main_grad_scale
         ctx.save_for_backward(hs, ws, ht, wt, targets)
         want_h, want_w = precompute and ctx.needs_input_grad[0], precompute and ctx.needs_input_grad[1]
-        loss, grad_h, grad_w = _run_chunks(hs, ws, ht, wt, targets, cfg, group, want_h, want_w)
+        if main_grad_scale is None:
+            loss, grad_h, grad_w = _run_chunks(hs, ws, ht, wt, targets, cfg, group, want_h, want_w)
+        else:  # products already scaled as promised; the weight's go to main_grad
+            loss, grad_h, grad_w = _run_chunks(hs, ws, ht, wt, targets, cfg, group, want_h, want_w,
+                                               scale=main_grad_scale, grad_w=ws.main_grad)
+            grad_w = None
         ctx.products = (grad_h, grad_w) if precompute else None
         return loss
 
@@ -214,7 +265,19 @@ class _FusedTokenDivergence(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         products, ctx.products = ctx.products, None  # used once; a second backward recomputes
         # grad_loss derives from the replicated per-token loss, so every TP rank takes the same path.
-        if products is not None and (grad_loss.numel() == 0 or bool((grad_loss == grad_loss[0]).all())):
+        uniform = products is not None and (grad_loss.numel() == 0 or bool((grad_loss == grad_loss[0]).all()))
+        if products is not None and ctx.main_grad_scale is not None:
+            promised = ctx.main_grad_scale
+            if not uniform or (grad_loss.numel() and bool(grad_loss[0] != promised)):
+                got = f"{float(grad_loss[0])} for every token" if uniform else "a per-token gradient"
+                raise RuntimeError(
+                    f"fused_token_divergence(main_grad_scale={promised}) added the output-weight gradient "
+                    f"for an upstream gradient of {promised} per token to student_weight.main_grad in "
+                    f"forward, but backward received {got}: main_grad is now wrong (zero the grad "
+                    f"buffers). Backpropagate per_token_loss.sum() times main_grad_scale, or pass "
+                    f"main_grad_scale=None")
+            grad_h, grad_w = products
+        elif uniform:
             scale = grad_loss[0] if grad_loss.numel() else 0.0
             grad_h, grad_w = (g.mul_(scale) if g is not None else None for g in products)
         else:
@@ -225,16 +288,19 @@ class _FusedTokenDivergence(torch.autograd.Function):
             grad_h = grad_h.to(hs.dtype)
         if grad_w is not None:
             grad_w = grad_w.to(ws.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def _run_chunks(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.Tensor,
                 targets: torch.Tensor | None, cfg: LossConfig, group: dist.ProcessGroup | None,
-                want_h: bool, want_w: bool, grad_loss: torch.Tensor | None = None,
+                want_h: bool, want_w: bool, grad_loss: torch.Tensor | None = None, scale: float = 1.0,
+                grad_w: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One pass over token chunks: the per-token loss and, as requested, the gradient products
-    w.r.t. ``hs`` (this rank's partial, fp32) and ``ws`` (see ``weight_grad_fp32``), each token's row scaled by
-    ``grad_loss`` when given (recompute path) and unscaled otherwise (forward precompute).
+    w.r.t. ``hs`` (this rank's partial, fp32) and ``ws``, each token's row scaled by ``scale`` and
+    by ``grad_loss`` when given (recompute path; neither in the plain forward precompute). The
+    ``ws`` product is added to ``grad_w`` when given (``main_grad``), else to a new accumulator
+    (fp32 unless ``weight_grad_fp32`` is False).
     """
     n, hidden = hs.shape
     rank = 0 if group is None else dist.get_rank(group)
@@ -244,8 +310,11 @@ def _run_chunks(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.
     acc = torch.promote_types(hs.dtype, torch.float32)
     loss = torch.empty(n, dtype=acc, device=hs.device)
     grad_h = torch.zeros(n, hidden, dtype=acc, device=hs.device) if want_h else None
-    grad_w = torch.zeros(ws.shape, dtype=acc if cfg.weight_grad_fp32 else ws.dtype, device=ws.device) \
-        if want_w else None
+    if want_w and grad_w is None:
+        grad_w = torch.zeros(ws.shape, dtype=acc if cfg.weight_grad_fp32 else ws.dtype, device=ws.device)
+    block = cfg.chunk_size * cfg.weight_grad_chunks  # tokens per weight-gradient GEMM
+    stash = torch.empty(min(block, n), valid, dtype=ws.dtype, device=ws.device) \
+        if want_w and cfg.weight_grad_chunks > 1 else None
     for s in range(0, n, cfg.chunk_size):
         e = min(s + cfg.chunk_size, n)
         zs = _scaled_logits(hs[s:e], ws_v, cfg.temperature, acc)
@@ -259,11 +328,18 @@ def _run_chunks(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.
             continue
         if grad_loss is not None:
             dz.mul_(grad_loss[s:e, None].to(acc))
+        if scale != 1.0:
+            dz.mul_(scale)
         dz = dz.div_(cfg.temperature).to(ws.dtype)
         if want_h:
             grad_h[s:e] = dz @ ws_v
-        if want_w:
+        if want_w and stash is None:
             _add_weight_grad(grad_w[:valid], dz, hs[s:e])
+        elif want_w:
+            first = s - s % block
+            stash[s - first:e - first] = dz
+            if e == n or e - first == block:
+                _add_weight_grad(grad_w[:valid], stash[:e - first], hs[first:e])
     return loss, grad_h, grad_w
 
 

@@ -184,7 +184,10 @@ class OPSDStep:
         group = parallel_state.get_tensor_model_parallel_group()
         per_token = fused_token_divergence(
             student, teacher_hidden, weight, teacher_weight, self.loss_cfg,
-            target_ids=side.targets.to(student.device) if self.loss_cfg.sampled_token else None, group=group)
+            target_ids=side.targets.to(student.device) if self.loss_cfg.sampled_token else None, group=group,
+            # The schedule backpropagates per_token.sum() times the optimizer's loss scale, so the
+            # output-weight gradient can go straight into DDP's fp32 main_grad (no extra buffer).
+            main_grad_scale=float(self.optimizer.get_loss_scale()))
         total = per_token.sum()
         worst = per_token.detach().float().amax() if per_token.numel() else torch.tensor(-math.inf)
         stats = {"loss_sum": total.detach().float(), "loss_max": worst}

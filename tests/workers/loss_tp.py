@@ -3,6 +3,8 @@ that tests/test_loss.py uses in-process at TP=1.
 
 Every rank builds the same full-vocabulary case from one seed, keeps its shard of the padded
 output layer and compares per-token losses, the full hidden gradient and its weight-shard gradient.
+The ``main_grad`` checks run the loss on a parameter of a real Megatron DistributedDataParallel
+module, with an untied output weight and with one tied to a VocabParallelEmbedding.
 """
 from __future__ import annotations
 
@@ -11,8 +13,13 @@ import math
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.tensor_parallel import VocabParallelEmbedding
+from megatron.core.transformer import TransformerConfig
 
 from megatron_opsd.opsd.loss import LossConfig, dense_token_divergence, fused_token_divergence
+from megatron_opsd.parallel import Layout, initialize
 
 VARIANTS: dict[str, dict] = {
     f"{div}-clip{'on' if clip else 'off'}-top{'k' if topk else 'all'}": {
@@ -64,6 +71,7 @@ def make_case(variant: str, seed: int, tp: int = 1, uniform: bool = True, vocab:
     else:
         upstream = torch.rand(n, generator=g, dtype=torch.float64) * (torch.rand(n, generator=g) > 0.3)
         upstream[0] = 1.0
+    cfg = cfg.model_copy(update={"weight_grad_chunks": randint(1, 3)})
     return Case(cfg, hs, ht, ws, wt, targets, upstream)
 
 
@@ -132,9 +140,67 @@ def _check_all_padding_shard() -> None:
                                "sampled_token")])
 
 
-CHECKS = {"all_variants": _check_all_variants, "all_padding_shard": _check_all_padding_shard}
+class _TinyModel(torch.nn.Module):
+    """Hidden states for the loss and the output-weight shard it uses: ``base`` itself (untied
+    output layer) or ``base + embedding(ids)`` with the output layer tied to that embedding."""
+
+    def __init__(self, weight_shard: torch.Tensor, tied: bool, config: TransformerConfig):
+        super().__init__()
+        if tied:
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            self.embedding = VocabParallelEmbedding(tp * weight_shard.shape[0], weight_shard.shape[1],
+                                                    init_method=torch.nn.init.zeros_, config=config)
+            with torch.no_grad():
+                self.embedding.weight.copy_(weight_shard)
+        else:
+            self.weight = torch.nn.Parameter(weight_shard.clone())
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embedding.weight if hasattr(self, "embedding") else self.weight
+
+    def forward(self, base: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return base + self.embedding(ids) if hasattr(self, "embedding") else base
+
+
+def _check_main_grad_ddp() -> None:
+    """Two micro-batches under Megatron DDP (fp32 grad buffer) with ``main_grad_scale``: each
+    weight shard's ``main_grad`` equals the dense float64 gradient of the summed loss, including
+    the tied embedding's lookup gradient, which the DDP hook must add exactly once."""
+    tp, rank = dist.get_world_size(), dist.get_rank()
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=tp, tensor_model_parallel_size=tp,
+                               use_cpu_initialization=True, params_dtype=torch.float32)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+    failures = []
+    for tied in (False, True):
+        case = make_case("forward_kl-clipon-topall", seed=200 + int(tied), tp=tp, vocab=19, v_local=11)
+        n = case.student_hidden.shape[0]
+        micro_batches = (slice(0, n // 2), slice(n // 2, n))
+        ids = torch.randint(0, case.cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(int(tied)))
+        rows = case.student_weight.shape[0] // tp
+        shard = slice(rank * rows, (rank + 1) * rows)
+        module = _TinyModel(case.student_weight[shard].float(), tied, config)
+        model = DistributedDataParallel(config, ddp_config, module)
+        weight = module.output_weight()
+        model.zero_grad_buffer()
+        for mb in micro_batches:
+            loss = fused_token_divergence(model(case.student_hidden[mb].float(), ids[mb]),
+                                          case.teacher_hidden[mb].float(), weight, case.teacher_weight[shard].float(),
+                                          case.cfg, group=parallel_state.get_tensor_model_parallel_group(),
+                                          main_grad_scale=1.0)
+            loss.sum().backward()
+        full = case.student_weight.clone().requires_grad_()
+        hidden = case.student_hidden + full[ids] if tied else case.student_hidden
+        dense_token_divergence(hidden @ full.T, case.teacher_hidden @ case.teacher_weight.T, case.cfg).sum().backward()
+        err = relative_error(weight.main_grad, full.grad[shard])
+        if err > TOLERANCE[torch.float32]:
+            failures.append(f"tied={tied}: main_grad relative error {err:.2e}")
+    assert not failures, "\n".join(failures)
+
+
+CHECKS = {"all_variants": _check_all_variants, "all_padding_shard": _check_all_padding_shard,
+          "main_grad_ddp": _check_main_grad_ddp}
 
 if __name__ == "__main__":
     from tests.distributed import run_checks
 
-    run_checks(CHECKS)
+    run_checks(CHECKS, setup=lambda: initialize(Layout(tp=dist.get_world_size())))

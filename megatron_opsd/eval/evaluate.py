@@ -114,7 +114,8 @@ def reference_of(problem: Problem) -> str:
     return boxed
 
 
-def _stop_ids(tokenizer: Any, tokens: list[str] | None) -> tuple[int, ...]:
+def stop_token_ids(tokenizer: Any, tokens: list[str] | None) -> tuple[int, ...]:
+    """Token ids of ``tokens`` (default: the tokenizer's EOS); an unknown token is an error."""
     tokens = tokens if tokens is not None else [tokenizer.eos_token]
     ids = []
     for token in tokens:
@@ -149,7 +150,7 @@ def evaluate(
     references = [reference_of(p) for p in problems]
     tokenizer = prompt_builder.tokenizer
     params = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
-                  stop_token_ids=_stop_ids(tokenizer, cfg.stop_tokens), n=cfg.k)
+                  stop_token_ids=stop_token_ids(tokenizer, cfg.stop_tokens), n=cfg.k)
     rows: list[dict[str, Any]] = []
     starts = range(0, len(problems), cfg.batch_size)
     for b, start in enumerate(tqdm(starts, desc="eval", unit="batch", disable=not progress)):

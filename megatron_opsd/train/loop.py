@@ -50,7 +50,7 @@ from megatron_opsd.config import ConfigError
 from megatron_opsd.data.packing import MicroBatch
 from megatron_opsd.data.prompts import PromptBuilder, SequencePair
 from megatron_opsd.data.sources import Problem, ProblemIterator, load_problems
-from megatron_opsd.eval.evaluate import _stop_ids, evaluate
+from megatron_opsd.eval.evaluate import stop_token_ids, evaluate
 from megatron_opsd.models import build_model, load_hf_config
 from megatron_opsd.models.bridge import export_hf_tensors, load_hf_weights
 from megatron_opsd.models.forward import forward_only
@@ -107,7 +107,7 @@ class Trainer:
         self.eval_problems: list[Problem] = []
         if cfg.eval.data is not None:
             self.eval_problems = list(load_problems(cfg.eval.data).problems[:cfg.eval.limit])
-        self.end_ids = _stop_ids(self.tokenizer, cfg.rollout.stop_tokens)
+        self.end_ids = stop_token_ids(self.tokenizer, cfg.rollout.stop_tokens)
         self.sampling = SamplingParams(
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
             max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=self.end_ids)

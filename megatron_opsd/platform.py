@@ -39,6 +39,11 @@ def detect() -> Platform:
     return Platform(torch.device("cpu"), "gloo")
 
 
+def current_device() -> torch.device:
+    """This rank's compute device: its CUDA device, else the CPU (collective buffers live here)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def init_process_group(timeout_s: float = 1800) -> Platform:
     """Join (or create) the default process group and prepare Megatron for this platform.
 

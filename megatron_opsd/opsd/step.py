@@ -52,8 +52,9 @@ from megatron_opsd.data.prompts import SequencePair
 from megatron_opsd.opsd.logprobs import token_logprobs
 from megatron_opsd.opsd.loss import LossConfig, fused_token_divergence
 from megatron_opsd.opsd.teacher import Teacher
-from megatron_opsd.section import Section
+from megatron_opsd.platform import current_device
 from megatron_opsd.rollout.engine import Rollout
+from megatron_opsd.section import Section
 from megatron_opsd.train.metrics import PhaseTimer, all_reduce_stats, divergence_diagnostics, peak_memory_bytes, rollout_stats
 from megatron_opsd.train.optim import guarded_step, zero_grads
 
@@ -82,7 +83,7 @@ def rank_micro_batches(pairs: Sequence[SequencePair], cfg: PackingConfig, pad_mu
     ``MicroBatch.sample_ids`` index into the share (``data_parallel_share(pairs)``)."""
     mine = [pairs[i] for i in data_parallel_share(pairs)]
     batches = pack_pairs(mine, cfg, pad_multiple, pad_id)
-    count = torch.tensor(len(batches), device=_device())
+    count = torch.tensor(len(batches), device=current_device())
     torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
     if int(count) != len(batches):
         batches = pack_pairs(mine, cfg, pad_multiple, pad_id, num_micro_batches=int(count))
@@ -98,13 +99,9 @@ class StepResult:
     target_logprobs: list[torch.Tensor] | None = None
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def _forward(side: PackedSequences, model: torch.nn.Module) -> torch.Tensor:
     """One packed row through this stage: [1, T, H] final hidden states on the last stage."""
-    device = _device()
+    device = current_device()
     return model(side.tokens[None].to(device), side.position_ids[None].to(device),
                  side.attention_mask().to(device), output="hidden")
 

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opsd.opsd.loss import LossConfig, dense_token_divergence
+from megatron_opsd.platform import current_device
 from megatron_opsd.rollout.engine import Rollout
 
 
@@ -55,7 +56,7 @@ def peak_memory_bytes() -> int:
 
 def all_reduce_stats(sums: dict[str, float], maxes: dict[str, float], group: dist.ProcessGroup | None) -> tuple[dict[str, float], dict[str, float]]:
     """Sum ``sums`` and max ``maxes`` over ``group`` in two collectives (fp64: token counts stay exact)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = current_device()
     s = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
     m = torch.tensor(list(maxes.values()), dtype=torch.float64, device=device)
     if dist.is_initialized():

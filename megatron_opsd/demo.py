@@ -25,6 +25,7 @@ from megatron_opsd.config import ConfigError, load_config
 from megatron_opsd.data.packing import PackingError
 from megatron_opsd.data.prompts import PromptError
 from megatron_opsd.data.sources import DataError
+from megatron_opsd.rollout.engine import ProbeMismatchError
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -36,7 +37,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-lr", type=float, default=3e-3, help="SFT warm-up learning rate (default %(default)s)")
     p.add_argument("--warmup-teacher-fraction", type=float, default=0.5,
                    help="share of warm-up examples with the teacher prompt (default %(default)s)")
-    p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, PackingError))
+    p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, PackingError, ProbeMismatchError))
 
 
 def _phase(base: Any, root: Path, name: str, **update: Any) -> Any:

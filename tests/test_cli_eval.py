@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
 from megatron_opsd.cli import main
+from megatron_opsd.config import config_keys
 from megatron_opsd.eval.cli import EvalRunConfig
-from megatron_opsd.section import Section
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = str(REPO / "data" / "arith" / "test.jsonl")
@@ -86,17 +86,9 @@ def test_unknown_key_suggests_the_known_one(model_dir, capsys):
 
 def test_not_a_model_directory(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--data", TEST_DATA]) == 2
-    assert f"{tmp_path} is neither a Hugging Face model directory" in capsys.readouterr().err
-
-
-def _leaf_keys(schema: type[Section], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in schema.model_fields.items():
-        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
-            keys += _leaf_keys(field.annotation, f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
-    return keys
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is neither a Hugging Face model directory (config.json) nor a Megatron checkpoint" in err
+    assert "a step_NNNNNN directory that opsd train writes" in err
 
 
 def test_help_documents_every_config_key(capsys):
@@ -104,7 +96,7 @@ def test_help_documents_every_config_key(capsys):
         main(["eval", "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    keys = _leaf_keys(EvalRunConfig)
+    keys = [k.key for k in config_keys(EvalRunConfig) if k.is_leaf]
     assert len(keys) > 30 and "eval.max_new_tokens" in keys and "data.fields.solution" in keys
     assert [k for k in keys if f"\n  {k} (" not in text] == []
     assert "  data.source ('local' | 'hub', default 'local')" in text

@@ -3,8 +3,9 @@
 - OPSD: a run killed after its step-2 checkpoint and resumed reproduces the uninterrupted run's
   per-step losses exactly; rollouts match the trainer's log-probs; eval, plot, summary are written.
 - SFT: the step-1 loss equals a transformers cross-entropy on the same batch; the loss falls.
-- A corrupted weight sync stops the run at the probe check, before any step.
+- A corrupted weight sync stops the run at the probe check, before any step, with a one-line error.
 - CLI: unknown keys and bad data rows are exit-2 errors with the key's suggestion / the row index.
+- ``opsd eval`` of a training checkpoint evaluates what the run's HF export holds.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from megatron_opsd.cli import main
+from megatron_opsd.cli import main, parse
 from megatron_opsd.data.prompts import PromptBuilder, PromptConfig
 from megatron_opsd.data.sources import DataConfig, ProblemIterator, load_problems
 from megatron_opsd.tracking import read_metrics
@@ -132,7 +133,7 @@ def test_sft_cross_entropy_and_learning(tmp_path, hf_dir):
     assert "top1_agreement" not in record and "mismatch/logprob_abs_diff_mean" not in record
 
 
-def test_a_corrupted_weight_sync_stops_the_run(tmp_path, hf_dir, monkeypatch):
+def test_a_corrupted_weight_sync_stops_the_run(tmp_path, hf_dir, monkeypatch, capsys):
     from megatron_opsd.train import loop
 
     real = loop.export_hf_tensors
@@ -142,9 +143,36 @@ def test_a_corrupted_weight_sync_stops_the_run(tmp_path, hf_dir, monkeypatch):
             yield name, tensor + 0.05 if name == "model.layers.1.mlp.down_proj.weight" else tensor
 
     monkeypatch.setattr(loop, "export_hf_tensors", corrupted)
-    with pytest.raises(loop.ProbeMismatchError, match=r"after weight sync 0, .* > rollout.probe_tolerance=0.001"):
-        main(["train", str(write_config(tmp_path, hf_dir))])
+    path = write_config(tmp_path, hf_dir)
+    assert main(["train", str(path)]) == 2  # a user error: one clear line, no traceback
+    err = capsys.readouterr().err
+    assert re.search(r"^opsd: error: after weight sync 0, .* > rollout.probe_tolerance=0.001: the weights did not "
+                     r"arrive intact .*$", err, re.MULTILINE), err
+    assert "Traceback" not in err
     assert not (tmp_path / "run" / "ckpt").exists()
+    assert loop.ProbeMismatchError in parse(["demo", str(path)]).user_errors  # the demo runs the same loop
+
+
+def test_eval_reads_a_training_checkpoint(tmp_path, hf_dir, capsys):
+    """``opsd eval`` of a step directory (model weights only, via its hf/) gives the report of the
+    run's HF export of the same weights; a damaged step is a one-line error naming what is missing."""
+    path = write_config(tmp_path, hf_dir, algorithm="sft", steps=1, export_hf=True, eval={"data": None})
+    assert main(["train", str(path)]) == 0
+    run, step = tmp_path / "run", tmp_path / "run" / "ckpt" / "step_000001"
+    assert (step / "hf" / "config.json").is_file() and (step / "hf" / "tokenizer.json").is_file()
+    fast = ["--data", str(REPO / "data/arith/test.jsonl"), "--k", "2", "limit=3", "eval.max_new_tokens=8"]
+    assert main(["eval", str(step), *fast, "--out", str(tmp_path / "step.json")]) == 0
+    assert main(["eval", str(run / "hf"), *fast, "--out", str(tmp_path / "hf.json")]) == 0
+    from_step, from_hf = (json.loads((tmp_path / name).read_text()) for name in ("step.json", "hf.json"))
+    assert from_step.pop("model") == str(step.resolve()) and from_hf.pop("model") == str((run / "hf").resolve())
+    assert from_step["num_problems"] == 3 and from_step["k"] == 2 and set(from_step["metrics"]) == {
+        "avg@2", "pass@1", "pass@2", "maj@2"}
+    assert from_step == from_hf
+
+    (step / "hf" / "config.json").unlink()
+    capsys.readouterr()
+    assert main(["eval", str(step), *fast]) == 2
+    assert f"cannot load Megatron checkpoint {step}: {step} is damaged: hf/config.json is missing" in capsys.readouterr().err
 
 
 def test_cli_unknown_key_is_an_error_with_a_suggestion(tmp_path, hf_dir, capsys):

@@ -5,7 +5,7 @@ Face directory: config, sharded safetensors + index, tokenizer files.
     torchrun --nproc-per-node=N tools/convert_megatron_to_hf.py ... --tp T --pp P
 
 The model's HF config and tokenizer files come from ``<megatron-dir>/hf`` (written by
-convert_hf_to_megatron.py) or, for training checkpoints, from ``--hf-config DIR``. Tensors are
+convert_hf_to_megatron.py and into every training checkpoint) or from ``--hf-config DIR``. Tensors are
 written in that config's dtype. The output appears only when complete (written to a hidden
 sibling directory, then renamed).
 """

@@ -93,18 +93,23 @@ def check_template(text: str, role: Literal["student", "teacher", "eval"]) -> No
 
 
 class PromptConfig(Section):
-    template: Literal["v3", "v1", "custom"] = "v3"
+    template: Literal["v3", "v1", "custom"] = Field(
+        default="v3", description="v3: the paper's prompts; v1: its first version's (ending in 'Answer:'); "
+        "custom: student_template, teacher_template (and eval_template)")
     student_template: str | None = Field(default=None, description="template: custom only")
     teacher_template: str | None = Field(default=None, description="template: custom only")
     eval_template: str | None = Field(default=None, description="template: custom only; default is the v3 eval prompt")
-    student_thinking: bool = False
-    teacher_thinking: bool = True
-    eval_thinking: bool = True
+    student_thinking: bool = Field(default=False, description="chat template's enable_thinking for the student prompt")
+    teacher_thinking: bool = Field(default=True, description="chat template's enable_thinking for the teacher prompt")
+    eval_thinking: bool = Field(default=True, description="chat template's enable_thinking for the eval prompt")
     teacher_think_opener: str = Field(
         default="", description="text appended after the teacher's assistant opener, e.g. '<think>\\n'")
-    max_student_prompt_tokens: int = Field(default=1024, gt=0)
-    max_teacher_prompt_tokens: int = Field(default=4096, gt=0)
-    overlong_teacher: Literal["trim_solution", "error"] = "trim_solution"
+    max_student_prompt_tokens: int = Field(
+        default=1024, gt=0, description="a longer student prompt is an error (the problem is never trimmed)")
+    max_teacher_prompt_tokens: int = Field(default=4096, gt=0, description="limit of the teacher prompt; see overlong_teacher")
+    overlong_teacher: Literal["trim_solution", "error"] = Field(
+        default="trim_solution", description="a teacher prompt over its limit: cut the reference solution's tail to "
+        "fit (counted), or error")
 
     @model_validator(mode="after")
     def _check_templates(self) -> PromptConfig:

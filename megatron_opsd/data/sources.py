@@ -36,21 +36,24 @@ class FieldMap(Section):
     Path parts that are integers index lists, e.g. ``messages.0.content``.
     """
 
-    problem: str = "problem"
-    solution: str = "solution"
+    problem: str = Field(default="problem", description="column or dotted path of the problem text")
+    solution: str = Field(default="solution", description="column or dotted path of the reference solution text")
     answer: str | None = Field(default="answer", description="final answer for grading; null if the data has none")
 
 
 class DataConfig(Section):
-    source: Literal["local", "hub"] = "local"
+    source: Literal["local", "hub"] = Field(
+        default="local", description="local: a file or directory (data.path); hub: a Hugging Face data set (data.name)")
     path: str | None = Field(default=None, description="local file, glob or save_to_disk directory (source: local)")
     name: str | None = Field(default=None, description="hub data set name (source: hub)")
     subset: str | None = Field(default=None, description="hub data set configuration (source: hub)")
-    split: str = "train"
+    split: str = Field(
+        default="train", description="split of a hub data set or a save_to_disk DatasetDict (a single file is one split)")
     fields: FieldMap = FieldMap()
-    on_invalid_row: Literal["error", "skip"] = "error"
-    shuffle: bool = True
-    seed: int = 1234
+    on_invalid_row: Literal["error", "skip"] = Field(
+        default="error", description="a row with a missing or empty problem/solution: error, or skip it (counted in the log)")
+    shuffle: bool = Field(default=True, description="training: a new problem order every epoch; false: the source's order")
+    seed: int = Field(default=1234, description="seed of the per-epoch shuffle")
 
     @model_validator(mode="after")
     def _one_location(self) -> DataConfig:

@@ -1,11 +1,12 @@
 """``opsd eval MODEL --data FILE [--k K] [--out report.json] [key=value ...]``: accuracy of a model on held-out problems.
 
-``MODEL`` is a Hugging Face directory or a Megatron model checkpoint (``opsd convert
-hf-to-megatron`` output: dist-checkpoint files plus ``hf/``). A Megatron checkpoint is loaded into
-Megatron in this process (a world of one) and streamed into the embedded engine through the same
-HF-name exporter the trainer and the conversion tool use, so what is evaluated is exactly what the
-checkpoint holds. Problems are rendered with the eval prompt and graded by :func:`evaluate`; the
-JSON report records the model and data set it came from.
+``MODEL`` is a Hugging Face directory or a Megatron checkpoint with an ``hf/`` subdirectory: a model
+checkpoint (``opsd convert hf-to-megatron`` output) or one step of a training run
+(``checkpoint.dir/step_NNNNNN``; only its model weights are read: the student's, not the teacher's).
+A Megatron checkpoint is loaded into Megatron in this process (a world of one) and streamed into
+the embedded engine through the same HF-name exporter the trainer and the conversion tool use, so
+what is evaluated is exactly what the checkpoint holds. Problems are rendered with the eval prompt
+and graded by :func:`evaluate`; the JSON report records the model and data set it came from.
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any
 
 from pydantic import Field
 
-from megatron_opsd.config import ConfigError, load_config
+from megatron_opsd.config import ConfigError, config_reference, load_config
 from megatron_opsd.data.prompts import PromptBuilder, PromptConfig, PromptError
 from megatron_opsd.data.sources import DataConfig, DataError, Problem, load_problems
 from megatron_opsd.eval.evaluate import EvalConfig, write_report, evaluate, reference_of
@@ -45,36 +46,14 @@ class ModelError(ValueError):
 def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "eval", help="Avg@k, pass@k and maj@k of a model (HF directory or Megatron checkpoint) on a data set",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=config_reference())
-    p.add_argument("model", type=Path, help="Hugging Face directory or Megatron model checkpoint")
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=config_reference(EvalRunConfig))
+    p.add_argument("model", type=Path, help="Hugging Face directory, Megatron model checkpoint or training step_NNNNNN")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. eval.max_new_tokens=2048")
     p.add_argument("--data", help="local jsonl/json/parquet/arrow file or save_to_disk directory (sets data.path)")
     p.add_argument("--k", type=int, help="samples per problem (sets eval.k; default 12)")
     p.add_argument("--out", type=Path, default=Path("eval_report.json"), help="JSON report (default: %(default)s)")
     p.add_argument("--config", type=Path, help="YAML file with the keys below")
     p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, ModelError))
-
-
-def config_reference(schema: type[Section] = EvalRunConfig, prefix: str = "") -> str:
-    """One line per config key with its type, default and description: the ``--help`` epilog."""
-    lines = [] if prefix else ["config keys (YAML via --config, or key=value):"]
-    for name, field in schema.model_fields.items():
-        key = prefix + name
-        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
-            if field.description:
-                lines.append(f"  {key}: {field.description}")
-            lines.append(config_reference(field.annotation, key + "."))
-            continue
-        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
-        kind = _type_name(field.annotation)
-        lines.append(f"  {key} ({kind}, {default})" + (f": {field.description}" if field.description else ""))
-    return "\n".join(lines)
-
-
-def _type_name(annotation: object) -> str:
-    if get_origin(annotation) is Literal:
-        return " | ".join(map(repr, get_args(annotation)))
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 def load_tokenizer(configured: str | None, model_files: Path) -> Any:
@@ -102,10 +81,13 @@ def _engine_from_megatron(path: Path, cfg: EmbeddedEngineConfig) -> tuple[Embedd
     from megatron_opsd.models.bridge import export_hf_tensors
     from megatron_opsd.models.hf_io import CheckpointError
     from megatron_opsd.parallel import Layout, initialize
+    from megatron_opsd.train import checkpoint as training
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ModelError("opsd eval runs as a single process; start it without torchrun")
     try:
+        if (path / training.MANIFEST).is_file():  # a training checkpoint: complete and undamaged?
+            training.verify(path)
         hf_dir = checkpoint.hf_config_dir(path)
         config = load_hf_config(hf_dir)
         initialize(Layout())
@@ -117,7 +99,7 @@ def _engine_from_megatron(path: Path, cfg: EmbeddedEngineConfig) -> tuple[Embedd
         finally:
             parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
-    except (OSError, CheckpointError, CheckpointingException, UnsupportedConfigError) as exc:
+    except (OSError, CheckpointError, training.CheckpointError, CheckpointingException, UnsupportedConfigError) as exc:
         raise ModelError(f"cannot load Megatron checkpoint {path}: {exc}") from exc
     return engine, hf_dir
 
@@ -134,8 +116,9 @@ def open_model(path: Path, cfg: EmbeddedEngineConfig) -> tuple[EmbeddedEngine, P
     if (path / "metadata.json").is_file():
         return _engine_from_megatron(path, cfg)
     raise ModelError(
-        f"{path} is neither a Hugging Face model directory (config.json) nor a Megatron model checkpoint "
-        f"(metadata.json and hf/config.json, as written by opsd convert hf-to-megatron)")
+        f"{path} is neither a Hugging Face model directory (config.json) nor a Megatron checkpoint (metadata.json "
+        f"and hf/config.json, as written by opsd convert hf-to-megatron, or a step_NNNNNN directory that opsd train "
+        f"writes under checkpoint.dir)")
 
 
 def _check_problems(problems: list[Problem], builder: PromptBuilder, cfg: EvalRunConfig, context: int, label: str) -> None:

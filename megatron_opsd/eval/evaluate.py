@@ -32,15 +32,15 @@ from megatron_opsd.section import Section
 
 class EvalConfig(Section):
     k: int = Field(default=12, ge=1, description="samples per problem (Avg@k, maj@k)")
-    temperature: float = Field(default=1.0, ge=0)
-    top_p: float = Field(default=0.95, gt=0, le=1)
+    temperature: float = Field(default=1.0, ge=0, description="sampling temperature; 0: greedy")
+    top_p: float = Field(default=0.95, gt=0, le=1, description="nucleus sampling: keep the smallest token set with this total probability")
     top_k: int = Field(default=-1, description="-1: no top-k truncation")
-    max_new_tokens: int = Field(default=38912, ge=1)
+    max_new_tokens: int = Field(default=38912, ge=1, description="response length limit (tokens); a response that reaches it counts as truncated")
     pass_at: list[int] | None = Field(
         default=None, description="k' values for pass@k'; default: powers of two below k, and k")
     batch_size: int = Field(default=32, ge=1, description="problems per generate call")
     stop_tokens: list[str] | None = Field(default=None, description="stop tokens; default: the tokenizer's EOS")
-    seed: int = 0
+    seed: int = Field(default=0, description="sampling seed (each batch of problems derives its own from it)")
     save_responses: bool = Field(default=True, description="keep every decoded response in the report")
 
     @model_validator(mode="after")

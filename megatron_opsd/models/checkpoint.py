@@ -111,13 +111,18 @@ def save(
 
 
 def load(chunks: list[OPSDGPTModel], ckpt_dir: str | Path) -> None:
-    """Load a model checkpoint saved at any TP/PP layout into this rank's chunks (collective)."""
+    """Load a model checkpoint saved at any TP/PP layout into this rank's chunks (collective).
+
+    A training checkpoint (``train/checkpoint.py``) loads too: only the model's tensors are read,
+    and the non-tensor state Megatron merges into the result (optimizer, trainer) is left out.
+    """
     (chunk,) = chunks
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a Megatron dist checkpoint: no metadata.json")
-    state = dist_checkpointing.load(_merge_in_place(chunk.sharded_state_dict()), str(ckpt_dir))
-    chunk.load_state_dict(state)
+    request = _merge_in_place(chunk.sharded_state_dict())
+    state = dist_checkpointing.load(request, str(ckpt_dir))
+    chunk.load_state_dict({key: state[key] for key in request})
 
 
 __all__ = ["HF_SUBDIR", "hf_config_dir", "load", "save", "use_fork_results_queue"]

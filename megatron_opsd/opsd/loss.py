@@ -63,7 +63,9 @@ Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 class LossConfig(Section):
     """The OPSD loss. See the module docstring for the exact math."""
 
-    divergence: Divergence = "forward_kl"
+    divergence: Divergence = Field(
+        default="forward_kl", description="forward_kl: KL(teacher || student); reverse_kl: KL(student || teacher); "
+        "jsd: generalized JSD (needs beta)")
     beta: float | None = Field(None, ge=0.0, le=1.0, description="JSD mixture weight of the teacher; jsd only")
     temperature: float = Field(1.1, gt=0.0, description="both logit sets are divided by it")
     clip: float | None = Field(0.05, gt=0.0, description="per-vocabulary-entry tau; None = off")

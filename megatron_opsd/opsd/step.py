@@ -60,10 +60,10 @@ from megatron_opsd.train.optim import guarded_step, zero_grads
 
 
 class StepConfig(Section):
-    # Stop after this many consecutive steps with a non-finite loss or gradient norm.
-    max_consecutive_skips: int = Field(3, ge=1)
-    # Tokens per micro-batch on which top-1 agreement and clip fraction are measured (0: off).
-    diagnostic_tokens: int = Field(32, ge=0)
+    max_consecutive_skips: int = Field(
+        3, ge=1, description="stop after this many consecutive steps with a non-finite loss or gradient norm")
+    diagnostic_tokens: int = Field(
+        32, ge=0, description="tokens per micro-batch on which top-1 agreement and clip fraction are measured; 0: off")
 
 
 class NonFiniteError(RuntimeError):

@@ -29,9 +29,13 @@ from megatron_opsd.section import Section
 
 
 class TeacherConfig(Section):
-    mode: Literal["fixed", "ema", "live"] = "fixed"
-    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
-    offload: bool = False  # keep fixed/EMA weights in (pinned) host memory instead of on the device
+    mode: Literal["fixed", "ema", "live"] = Field(
+        default="fixed", description="teacher weights: fixed: the initial ones; ema: a moving average of the "
+        "student's; live: the student's current ones")
+    ema_decay: float = Field(
+        0.999, gt=0.0, lt=1.0, description="ema: teacher <- decay * teacher + (1 - decay) * student after each step")
+    offload: bool = Field(
+        default=False, description="keep fixed/EMA weights in (pinned) host memory instead of on the device")
 
 
 class Teacher:

@@ -60,6 +60,13 @@ class EngineHealth:
     detail: str = ""
 
 
+class ProbeMismatchError(RuntimeError):
+    """The engine's log-probs disagree with the trainer's after a weight sync (a wrong mapping).
+
+    Raised by the training loop; defined here, with the contract it checks, so that the CLI can
+    name it among its user errors without importing the loop (and Megatron)."""
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Rollout]]:

@@ -5,7 +5,11 @@ LR scheduler, teacher weights (fixed/EMA), RNG states, the data iterator positio
 trainer's counters. Layout under the checkpoint root::
 
     step_000006/      a complete checkpoint (dist_checkpointing files + manifest.json)
+    step_000006/hf/   the model's HF config (in the training dtype) and tokenizer files
     latest            the name of the newest complete checkpoint, written last
+
+``hf/`` makes a step directory self-describing like a model checkpoint (``models/checkpoint.py``):
+``opsd eval`` and ``opsd convert megatron-to-hf`` read its model weights (and nothing else) from it.
 
 Atomicity: every rank writes into ``.tmp.step_000006``; after a barrier rank 0 writes the
 manifest (every file and its size), renames the directory, then replaces ``latest``. A crash at any
@@ -22,7 +26,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,7 @@ from megatron.core.utils import unwrap_model
 from pydantic import Field
 
 from megatron_opsd.fileio import atomic_write_text
+from megatron_opsd.models.checkpoint import HF_SUBDIR
 from megatron_opsd.opsd.teacher import Teacher
 from megatron_opsd.section import Section
 
@@ -46,10 +51,13 @@ _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class CheckpointConfig(Section):
-    dir: str | None = None  # None: no checkpoints
-    interval: int = Field(25, ge=1)
-    keep_last: int = Field(3, ge=1)
-    load: str | None = None  # a checkpoint directory or root; None: resume from ``dir`` if it has one
+    dir: str | None = Field(
+        default=None, description="checkpoint root (step_NNNNNN/ directories and 'latest'); None: no checkpoints")
+    interval: int = Field(
+        25, ge=1, description="steps between checkpoints (and the last step); a multiple of rollout.sync_interval")
+    keep_last: int = Field(3, ge=1, description="complete checkpoints kept; older ones are deleted")
+    load: str | None = Field(
+        default=None, description="resume from this checkpoint directory or root; None: from dir if it has one")
 
 
 class CheckpointError(RuntimeError):
@@ -137,9 +145,11 @@ def save_checkpoint(
     teacher: Teacher,
     trainer_state: dict[str, Any],
     keep_last: int,
+    write_hf_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Collective: every rank calls it. ``trainer_state`` (step counters, data iterator position)
-    must be identical on all ranks; it is stored once."""
+    must be identical on all ranks; it is stored once. ``write_hf_files(dir)`` (called on rank 0)
+    writes the model's HF config and tokenizer into the checkpoint's ``hf/``."""
     root = Path(root)
     name = f"step_{step:06d}"
     tmp, final = root / f".tmp.{name}", root / name
@@ -158,6 +168,9 @@ def save_checkpoint(
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
+        if write_hf_files is not None:
+            (tmp / HF_SUBDIR).mkdir()
+            write_hf_files(tmp / HF_SUBDIR)
         _write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)

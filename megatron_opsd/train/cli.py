@@ -11,10 +11,11 @@ import logging
 import os
 from pathlib import Path
 
-from megatron_opsd.config import ConfigError, load_config
+from megatron_opsd.config import ConfigError, config_reference, load_config
 from megatron_opsd.data.packing import PackingError
 from megatron_opsd.data.prompts import PromptError
 from megatron_opsd.data.sources import DataError
+from megatron_opsd.rollout.engine import ProbeMismatchError
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -22,7 +23,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path, help="YAML config (keys below)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. steps=50 optim.lr=1e-5")
-    p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, PackingError))
+    p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, PackingError, ProbeMismatchError))
     _reference_on_help(p)
 
 
@@ -32,13 +33,9 @@ def _reference_on_help(parser: argparse.ArgumentParser) -> None:
     format_help = parser.format_help
 
     def with_reference() -> str:
-        from megatron_opsd.data.sources import DataConfig
-        from megatron_opsd.eval.cli import config_reference
         from megatron_opsd.train.config import TrainConfig
 
-        reference = config_reference(TrainConfig).replace("(YAML via --config, or key=value)", "(YAML CONFIG, or key=value)")
-        # config_reference does not descend into optional sections; eval.data is the only one.
-        parser.epilog = reference + "\n" + config_reference(DataConfig, "eval.data.")
+        parser.epilog = config_reference(TrainConfig, how="YAML CONFIG, or key=value")
         return format_help()
 
     parser.format_help = with_reference

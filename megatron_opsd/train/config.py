@@ -59,10 +59,10 @@ class ParallelConfig(Section):
 class RolloutConfig(Section):
     """Sampling of the student's responses (the paper's recipe as defaults) and the engine's weight sync."""
 
-    temperature: float = Field(default=1.1, ge=0)
-    top_p: float = Field(default=0.95, gt=0, le=1)
+    temperature: float = Field(default=1.1, ge=0, description="sampling temperature of the rollouts; 0: greedy")
+    top_p: float = Field(default=0.95, gt=0, le=1, description="nucleus sampling: keep the smallest token set with this total probability")
     top_k: int = Field(default=20, description="<= 0: no top-k truncation")
-    max_new_tokens: int = Field(default=1024, ge=1)
+    max_new_tokens: int = Field(default=1024, ge=1, description="response length limit of a rollout (tokens)")
     stop_tokens: list[str] | None = Field(default=None, description="default: the tokenizer's EOS token")
     sync_interval: int = Field(default=1, ge=1, description="steps between weight syncs into the engine (k)")
     probe_tolerance: float = Field(
@@ -86,8 +86,8 @@ class TrainConfig(Section):
 
     algorithm: Literal["opsd", "sft"] = Field(
         default="opsd", description="opsd: on-policy self-distillation; sft: cross-entropy on reference solutions")
-    run_dir: str = Field(description="metrics, plots, eval reports (and checkpoints unless checkpoint.dir is set)")
-    seed: int = 1234
+    run_dir: str = Field(description="metrics, plot, eval reports, summary.json (and hf/ with export_hf)")
+    seed: int = Field(default=1234, description="seed of the model's initialization and of each step's rollouts")
     steps: int = Field(ge=1, description="optimizer steps in the whole run (a resumed run continues to it)")
     prompts_per_step: int = Field(default=32, ge=1, description="problems per step (one rollout each)")
     tokenizer: str = Field(description="tokenizer directory (with a chat template)")

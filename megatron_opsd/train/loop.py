@@ -31,6 +31,7 @@ Choices:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -60,7 +61,7 @@ from megatron_opsd.opsd.step import OPSDStep, StepResult, data_parallel_share, r
 from megatron_opsd.opsd.teacher import Teacher
 from megatron_opsd.parallel import Layout, initialize
 from megatron_opsd.rollout.embedded import EmbeddedEngine
-from megatron_opsd.rollout.engine import Rollout, SamplingParams
+from megatron_opsd.rollout.engine import ProbeMismatchError, Rollout, SamplingParams
 from megatron_opsd.tracking import Tracker
 from megatron_opsd.train.checkpoint import load_checkpoint, resolve, save_checkpoint
 from megatron_opsd.train.config import ModelConfig, TrainConfig
@@ -70,10 +71,6 @@ from megatron_opsd.train.sft import SFTStep, sft_pairs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class ProbeMismatchError(RuntimeError):
-    """The engine's log-probs disagree with the trainer's after a weight sync (a wrong mapping)."""
 
 
 def hf_config_of(cfg: ModelConfig) -> PretrainedConfig:
@@ -157,7 +154,15 @@ class Trainer:
         s = self.step
         state = {"data": self.iterator.state_dict(), "step": s.state_dict()}
         save_checkpoint(self.checkpoint_root, step, self.chunks, s.optimizer, s.scheduler, s.teacher, state,
-                        self.cfg.checkpoint.keep_last)
+                        self.cfg.checkpoint.keep_last, write_hf_files=self._write_hf_files)
+
+    def _write_hf_files(self, out: Path) -> None:
+        """The model's HF config and the tokenizer: what an HF export or a checkpoint needs besides the
+        weights. The config's dtype is the training dtype, which the weights are in."""
+        config = copy.deepcopy(self.hf_config)
+        config.dtype = getattr(torch, self.cfg.model.dtype)
+        config.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
 
     def _on_engine_rank(self, produce: Callable[[], T]) -> T:
         """``produce()`` on rank 0 (where the engine lives), broadcast to every rank. If it raises,
@@ -219,8 +224,7 @@ class Trainer:
             stream = export_hf_tensors([unwrap_model(c) for c in self.chunks])
             if self.is_rank0:
                 write_hf_shards(stream, tmp)
-                self.hf_config.save_pretrained(tmp)
-                self.tokenizer.save_pretrained(tmp)
+                self._write_hf_files(tmp)
             else:  # a collective: every rank iterates it
                 for _ in stream:
                     pass

@@ -30,18 +30,19 @@ from megatron_opsd.section import Section
 class OptimConfig(Section):
     """AdamW with the paper's defaults (lr 5e-6, grad-norm clip 0.1, constant LR)."""
 
-    lr: float = Field(5e-6, gt=0)
-    min_lr: float = Field(0.0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = Field(0.1, ge=0)  # 0 disables clipping
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    # None: the distributed optimizer exactly when DP > 1. Its checkpoint format differs from the
-    # plain optimizer's: set it explicitly to resume a checkpoint at another DP size.
-    distributed_optimizer: bool | None = None
+    lr: float = Field(5e-6, gt=0, description="peak learning rate (after warm-up)")
+    min_lr: float = Field(0.0, ge=0, description="where the linear / cosine decay ends, at the last step")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
+    adam_beta1: float = Field(0.9, description="AdamW beta1")
+    adam_beta2: float = Field(0.999, description="AdamW beta2")
+    adam_eps: float = Field(1e-8, description="AdamW epsilon")
+    clip_grad: float = Field(0.1, ge=0, description="max global gradient norm; 0: no clipping")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="constant", description="learning rate after warm-up: constant, or decayed to min_lr over the run")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up from 0 to lr")
+    distributed_optimizer: bool | None = Field(
+        default=None, description="shard optimizer state over DP ranks; None: exactly when DP > 1 (set it to "
+        "resume a checkpoint at another DP size)")
 
 
 def wrap_for_training(chunks: Sequence[torch.nn.Module], config: TransformerConfig, use_distributed_optimizer: bool) -> list[DistributedDataParallel]:

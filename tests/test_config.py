@@ -1,0 +1,59 @@
+"""The config tree's reference and key walk: optional sections, containers of sections, descriptions."""
+from __future__ import annotations
+
+import pytest
+from pydantic import Field
+
+from megatron_opsd.config import ConfigError, config_keys, config_reference, load_config
+from megatron_opsd.section import Section
+
+
+class Inner(Section):
+    width: int = Field(default=1, description="how wide")
+
+
+class Outer(Section):
+    maybe: Inner | None = Field(default=None, description="optional inner")
+    items: list[Inner] = Field(default_factory=list, description="a list of inner sections")
+    named: dict[str, Inner] = Field(default_factory=dict, description="inner sections by name")
+    plot: dict[str, list[str]] = Field(default_factory=dict, description="not sections")
+
+
+def test_keys_descend_into_optional_sections_and_containers():
+    keys = {k.key: k for k in config_keys(Outer)}
+    assert list(keys) == ["maybe", "maybe.width", "items", "items[].width", "named", "named.<name>.width", "plot"]
+    assert [k for k, v in keys.items() if v.is_leaf] == ["maybe.width", "items[].width", "named.<name>.width", "plot"]
+    assert keys["maybe"].section is Inner and keys["items"].section is Inner and keys["plot"].section is None
+
+
+def test_reference_shows_container_types_and_optional_section_defaults():
+    text = config_reference(Outer, how="test")
+    assert text.splitlines()[0] == "config keys (test):"
+    assert "  maybe (Inner | None, default None): optional inner\n  maybe.width (int, default 1): how wide" in text
+    assert "  items (list[Inner], default []): a list of inner sections" in text
+    assert "  named.<name>.width (int, default 1): how wide" in text
+    assert "  plot (dict[str, list[str]], default {}): not sections" in text
+
+
+def test_unknown_key_in_an_optional_section_gets_a_suggestion():
+    assert load_config(Outer, None, ["maybe.width=3"]).maybe.width == 3
+    with pytest.raises(ConfigError, match=r"unknown key 'maybe.widht' \(did you mean 'maybe.width'\?\)"):
+        load_config(Outer, None, ["maybe.widht=3"])
+
+
+def test_training_reference_includes_the_optional_eval_data_section():
+    from megatron_opsd.train.config import TrainConfig
+
+    text = config_reference(TrainConfig)
+    assert "\n  eval.data (DataConfig | None, default None): held-out problems" in text
+    assert "\n  eval.data.path (str | None, default None): local file" in text
+    assert "\n  eval.data.fields.solution (str, default 'solution'): " in text
+
+
+def test_every_training_key_has_a_description():
+    from megatron_opsd.train.config import TrainConfig
+
+    leaves = [k for k in config_keys(TrainConfig) if k.is_leaf]
+    assert len(leaves) > 100 and "eval.data.seed" in {k.key for k in leaves}
+    undocumented = [k.key for k in leaves if not k.field.description]
+    assert undocumented == [], f"config keys without Field(description=...): {undocumented}"

@@ -1,4 +1,4 @@
-# Set-up and entry points. `make test` works on a fresh machine: it builds .venv itself.
+# Set-up and entry points. `make demo` and `make test` work on a fresh machine: they build .venv themselves.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,8 +12,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install test
+.PHONY: install demo test
 install: $(STAMP)
+
+# The tiny CPU OPSD demo (examples/tiny_cpu.yaml), each run in a new directory under runs/.
+demo: $(STAMP)
+	$(BIN)/opsd demo examples/tiny_cpu.yaml run_dir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

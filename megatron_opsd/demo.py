@@ -5,7 +5,9 @@ CONFIG is an OPSD training config (``examples/tiny_cpu.yaml``) with held-out ``e
 
 1. ``warmup/``: SFT on the reference solutions from the config's model, half of the examples with
    the teacher's prompt (so that the model learns to use a solution in context; without it the
-   teacher role gives OPSD no signal), exported as an HF directory;
+   teacher role gives OPSD no signal), its learning rate decayed along a cosine to a tenth (the
+   annealing is worth a lot: 9% -> 22% over the last half of the validated warm-up), exported as
+   an HF directory;
 2. ``opsd/``: OPSD from the warm-up, evaluated before its first step (the base) and at the end;
 3. ``sft/``: SFT from the warm-up with the same steps, prompts per step and optimizer (the paper's
    baseline), evaluated at the end.
@@ -33,8 +35,11 @@ def register(commands: argparse._SubParsersAction) -> None:
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path, help="OPSD training config with eval.data (see opsd train --help)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the config, e.g. steps=30")
-    p.add_argument("--warmup-steps", type=int, default=500, help="SFT warm-up steps (default %(default)s)")
-    p.add_argument("--warmup-lr", type=float, default=3e-3, help="SFT warm-up learning rate (default %(default)s)")
+    p.add_argument("--warmup-steps", type=int, default=600, help="SFT warm-up steps (default %(default)s)")
+    p.add_argument("--warmup-lr", type=float, default=3e-3,
+                   help="SFT warm-up peak learning rate, decayed to a tenth along a cosine (default %(default)s)")
+    p.add_argument("--warmup-prompts-per-step", type=int, default=32,
+                   help="problems per SFT warm-up step (default %(default)s)")
     p.add_argument("--warmup-teacher-fraction", type=float, default=0.5,
                    help="share of warm-up examples with the teacher prompt (default %(default)s)")
     p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, PackingError, ProbeMismatchError))
@@ -64,8 +69,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"run_dir {root} is not empty: the demo starts from scratch (set run_dir=NEW_DIR)")
     metric = f"avg@{base.eval.k}"
 
+    warmup_optim = base.optim.model_copy(update={
+        "lr": args.warmup_lr, "min_lr": args.warmup_lr / 10, "schedule": "cosine",
+        "warmup_steps": args.warmup_steps // 20})
     warmup = _phase(base, root, "warmup", algorithm="sft", steps=args.warmup_steps, export_hf=True,
-                    optim=base.optim.model_copy(update={"lr": args.warmup_lr}),
+                    prompts_per_step=args.warmup_prompts_per_step, optim=warmup_optim,
                     sft=SFTConfig(teacher_prompt_fraction=args.warmup_teacher_fraction),
                     eval=base.eval.model_copy(update={"data": None}))
     train(warmup)
@@ -81,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         "opsd": opsd["eval"][f"eval/{metric}"],
         "sft": sft["eval"][f"eval/{metric}"],
         "seconds": round(time.perf_counter() - start, 1),
-        "warmup": {"steps": args.warmup_steps, "lr": args.warmup_lr,
+        "warmup": {"steps": args.warmup_steps, "lr": args.warmup_lr, "prompts_per_step": args.warmup_prompts_per_step,
                    "teacher_prompt_fraction": args.warmup_teacher_fraction},
         "steps": base.steps,
         "prompts_per_step": base.prompts_per_step,

@@ -6,6 +6,7 @@
 - A corrupted weight sync stops the run at the probe check, before any step, with a one-line error.
 - CLI: unknown keys and bad data rows are exit-2 errors with the key's suggestion / the row index.
 - ``opsd eval`` of a training checkpoint evaluates what the run's HF export holds.
+- The demo, and the shipped demo config (shortened), run end to end; a rerun with the seed repeats it.
 """
 from __future__ import annotations
 
@@ -200,7 +201,7 @@ def test_cli_help_documents_every_key(capsys):
 
 def test_demo_runs_warmup_opsd_and_sft_and_prints_the_summary_line(tmp_path, hf_dir, capsys):
     path = write_config(tmp_path, hf_dir, steps=1, checkpoint={"interval": 1})
-    assert main(["demo", str(path), "--warmup-steps", "1"]) == 0
+    assert main(["demo", str(path), "--warmup-steps", "1", "--warmup-prompts-per-step", "3"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert last == (f"demo: base {summary['base']:.1%} -> opsd {summary['opsd']:.1%} (sft {summary['sft']:.1%}) "
@@ -210,6 +211,31 @@ def test_demo_runs_warmup_opsd_and_sft_and_prints_the_summary_line(tmp_path, hf_
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "opsd" / "metrics.jsonl")] == [0, 1]
     assert main(["demo", str(path)]) == 2  # a used run directory is refused
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_the_shipped_demo_config_runs_the_demo_reproducibly(tmp_path, monkeypatch, capsys):
+    """``make demo``'s config as shipped (paths from the repo root, random model, custom prompts),
+    shortened to a few steps per phase; a second run with the same seed repeats the first exactly."""
+    monkeypatch.chdir(REPO)
+
+    def demo(name: str) -> Path:
+        args = ["demo", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / name}", "steps=2", "prompts_per_step=2",
+                "rollout.max_new_tokens=8", "eval.limit=4", "eval.max_new_tokens=8", "checkpoint.interval=1",
+                "tracking.wandb=false", "tracking.progress=false", "--warmup-steps", "2",
+                "--warmup-prompts-per-step", "2"]
+        assert main(args) == 0
+        assert capsys.readouterr().out.strip().splitlines()[-1].startswith("demo: base ")
+        return tmp_path / name
+
+    first, second = demo("first"), demo("second")
+    for phase in ("warmup", "opsd", "sft"):
+        runs = [[{k: v for k, v in r.items() if k == "loss" or k.startswith("eval/")}
+                 for r in read_metrics(run / phase / "metrics.jsonl")] for run in (first, second)]
+        assert runs[0] == runs[1] and any("loss" in r for r in runs[0]), phase
+    summary = json.loads((first / "summary.json").read_text())
+    assert summary["warmup"] == {"steps": 2, "lr": 3e-3, "prompts_per_step": 2, "teacher_prompt_fraction": 0.5}
+    lrs = [r["lr"] for r in read_metrics(first / "warmup" / "metrics.jsonl")]
+    assert lrs[0] == pytest.approx(3e-3) and lrs[1] < lrs[0] and lrs[1] >= 3e-4  # the cosine towards a tenth
 
 
 def test_data_preview_reads_a_training_config(tmp_path, hf_dir, capsys):

@@ -8,7 +8,12 @@ Writes ``data/arith/{train,test}.jsonl`` (columns problem, solution, answer, kin
 Problems are grade-school style with 2-3 steps over small numbers, drawn from ten phrasings that
 mix +, -, * and exact /. The solutions are regular ("step: a op b = c." lines, then
 ``The answer is \\boxed{n}.``) so a tiny model can learn them in minutes on a CPU, while the
-multiplication and the chained steps keep a briefly fine-tuned tiny model well short of perfect.
+chained steps keep a briefly fine-tuned tiny model well short of perfect.
+
+The operand ranges are calibrated for the CPU demo (factors up to 6, sums below ~50): a 0.7M-parameter
+model learns to copy the problem's numbers within a few hundred steps, so its accuracy is set by
+the arithmetic. With factors up to 12 it never got there in the demo's budget: after 600 warm-up
+steps 4% of the test problems were right, and 194 of 500 failed at the first product.
 
 Tokenizer: a byte-level BPE (at most 1024 entries; this regular corpus runs out of merges near
 750) with Qwen2/3 pre-tokenization (digits split one
@@ -61,7 +66,7 @@ def _people(r: random.Random) -> tuple[str, str, str]:
 
 def buy_bags(r: random.Random) -> Row:
     name, he, _ = _people(r)
-    item, a, b, c = r.choice(ITEMS), r.randint(2, 30), r.randint(2, 9), r.randint(2, 9)
+    item, a, b, c = r.choice(ITEMS), r.randint(2, 20), r.randint(2, 5), r.randint(2, 5)
     x = b * c
     return Row(
         f"{name} has {a} {item}. {he} buys {b} bags with {c} {item} in each bag. How many {item} does {name} have now?",
@@ -70,8 +75,8 @@ def buy_bags(r: random.Random) -> Row:
 
 def give_then_find(r: random.Random) -> Row:
     name, he, other = _people(r)
-    item, a = r.choice(ITEMS), r.randint(10, 60)
-    b, c = r.randint(2, a - 1), r.randint(2, 30)
+    item, a = r.choice(ITEMS), r.randint(10, 30)
+    b, c = r.randint(2, a - 1), r.randint(2, 15)
     return Row(
         f"{name} had {a} {item}. {he} gave {b} {item} to {other} and then found {c} more. How many {item} does {name} have now?",
         (f"After giving some away, {name} has {a} - {b} = {a - b} {item}.",
@@ -80,7 +85,7 @@ def give_then_find(r: random.Random) -> Row:
 
 def boxes_used(r: random.Random) -> Row:
     name, _, _ = _people(r)
-    item, a, b = r.choice(ITEMS), r.randint(3, 12), r.randint(2, 9)
+    item, a, b = r.choice(ITEMS), r.randint(2, 6), r.randint(2, 5)
     c = r.randint(1, a * b - 1)
     return Row(
         f"A box holds {a} {item}. {name} buys {b} boxes and uses {c} {item}. How many {item} are left?",
@@ -90,7 +95,7 @@ def boxes_used(r: random.Random) -> Row:
 
 def share_then_add(r: random.Random) -> Row:
     name, _, _ = _people(r)
-    item, b, x, c = r.choice(ITEMS), r.randint(2, 9), r.randint(2, 12), r.randint(1, 20)
+    item, b, x, c = r.choice(ITEMS), r.randint(2, 5), r.randint(2, 6), r.randint(1, 10)
     a = b * x
     return Row(
         f"{name} has {a} {item} and shares them equally among {b} friends. Each friend then gets {c} more {item}. "
@@ -102,7 +107,7 @@ def share_then_add(r: random.Random) -> Row:
 def shopping(r: random.Random) -> Row:
     name, he, _ = _people(r)
     (one, many), (other, _) = r.sample(GOODS, 2)
-    a, b, c = r.randint(2, 12), r.randint(2, 20), r.randint(2, 9)
+    a, b, c = r.randint(2, 6), r.randint(2, 10), r.randint(2, 5)
     return Row(
         f"A {one} costs {a} dollars and a {other} costs {b} dollars. {name} buys {c} {many} and one {other}. "
         f"How many dollars does {name} spend?",
@@ -112,7 +117,7 @@ def shopping(r: random.Random) -> Row:
 
 def packs_then_give(r: random.Random) -> Row:
     name, he, _ = _people(r)
-    item, a, b, c = r.choice(ITEMS), r.randint(2, 30), r.randint(2, 6), r.randint(2, 9)
+    item, a, b, c = r.choice(ITEMS), r.randint(2, 15), r.randint(2, 4), r.randint(2, 5)
     y = a + b * c
     d = r.randint(1, y - 1)
     return Row(
@@ -124,7 +129,7 @@ def packs_then_give(r: random.Random) -> Row:
 
 def garden(r: random.Random) -> Row:
     name, _, _ = _people(r)
-    plant, a, b, c = r.choice(PLANTS), r.randint(2, 9), r.randint(2, 12), r.randint(1, 20)
+    plant, a, b, c = r.choice(PLANTS), r.randint(2, 5), r.randint(2, 6), r.randint(1, 10)
     y = a * b + c
     d = r.randint(1, y - 1)
     return Row(
@@ -136,7 +141,7 @@ def garden(r: random.Random) -> Row:
 
 def ages(r: random.Random) -> Row:
     name, _, other = _people(r)
-    a, b, c = r.randint(3, 40), r.randint(2, 30), r.randint(2, 20)
+    a, b, c = r.randint(3, 20), r.randint(2, 15), r.randint(2, 10)
     return Row(
         f"{name} is {a} years old. {other} is {b} years older than {name}. How old will {other} be in {c} years?",
         (f"{other} is {a} + {b} = {a + b} years old now.", f"In {c} years {other} will be {a + b} + {c} = {a + b + c} years old."),
@@ -145,7 +150,7 @@ def ages(r: random.Random) -> Row:
 
 def savings(r: random.Random) -> Row:
     name, he, _ = _people(r)
-    a, b, treat = r.randint(2, 12), r.randint(2, 9), r.choice(TREATS)
+    a, b, treat = r.randint(2, 6), r.randint(2, 5), r.choice(TREATS)
     c = r.randint(1, a * b - 1)
     return Row(
         f"{name} saves {a} dollars each week for {b} weeks. Then {he.lower()} spends {c} dollars on a {treat}. "
@@ -156,8 +161,8 @@ def savings(r: random.Random) -> Row:
 
 def baskets(r: random.Random) -> Row:
     name, he, _ = _people(r)
-    item, c, q = r.choice(ITEMS), r.randint(2, 6), r.randint(2, 12)
-    b = r.randint(2, 6)
+    item, c, q = r.choice(ITEMS), r.randint(2, 4), r.randint(2, 6)
+    b = r.randint(2, 4)
     while (c * q) % b:  # per-day count must be whole
         b = r.randint(2, 6)
     a = c * q // b

@@ -54,7 +54,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megatron_opsd.opsd.loss import LossConfig, fused_token_divergence  # noqa: E402
+from megatron_opsd.opsd.loss import LossConfig, fused_token_divergence
 
 GiB = 2**30
 
@@ -151,7 +151,7 @@ def main() -> None:
           f"fp32: {n * v * 4 / 2**20:.1f} MiB ({2 * v / h:.1f}x)")
     runs: dict[str, list[dict]] = {m: [] for m in METHODS if m in args.methods}
     for rep in range(args.repeats):
-        for method in runs:
+        for method, results in runs.items():
             cmd = [sys.executable, __file__, "--worker", method, "--tokens", str(n), "--hidden", str(h),
                    "--vocab", str(v), "--chunk-size", str(args.chunk_size),
                    "--chunk-size-bf16-wgrad", str(args.chunk_size_bf16_wgrad),
@@ -159,7 +159,7 @@ def main() -> None:
                    "--weight-grad-chunks-train", str(args.weight_grad_chunks_train)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            runs[method].append(r)
+            results.append(r)
             print(f"  repeat {rep} {method:16s}: wall {r['seconds']:7.2f} s  cpu {r['cpu_seconds']:7.2f} s  "
                   f"peak {r['peak_bytes'] / GiB:6.2f} GiB  loss {r['loss']:.6f}", flush=True)
     keys = ("seconds", "cpu_seconds", "peak_bytes")

@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_opsd.data.packing import PackingConfig, assign_micro_batches, pack_pairs, round_up  # noqa: E402
-from megatron_opsd.data.prompts import SequencePair  # noqa: E402
+from megatron_opsd.data.packing import PackingConfig, assign_micro_batches, pack_pairs, round_up
+from megatron_opsd.data.prompts import SequencePair
 
 STUDENT_BUDGET, TEACHER_BUDGET, PAD_MULTIPLE = 16384, 20480, 16
 

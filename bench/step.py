@@ -20,16 +20,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers import Qwen3Config  # noqa: E402
+from transformers import Qwen3Config
 
-from megatron_opsd.data.packing import PackingConfig  # noqa: E402
-from megatron_opsd.data.prompts import SequencePair  # noqa: E402
-from megatron_opsd.models import build_model  # noqa: E402
-from megatron_opsd.opsd.loss import LossConfig, fused_token_divergence  # noqa: E402
-from megatron_opsd.opsd.step import OPSDStep, StepConfig, rank_micro_batches  # noqa: E402
-from megatron_opsd.opsd.teacher import Teacher, TeacherConfig  # noqa: E402
-from megatron_opsd.parallel import Layout, initialize  # noqa: E402
-from megatron_opsd.train.optim import OptimConfig, build_optimizer, wrap_for_training  # noqa: E402
+from megatron_opsd.data.packing import PackingConfig
+from megatron_opsd.data.prompts import SequencePair
+from megatron_opsd.models import build_model
+from megatron_opsd.opsd.loss import LossConfig, fused_token_divergence
+from megatron_opsd.opsd.step import OPSDStep, StepConfig, rank_micro_batches
+from megatron_opsd.opsd.teacher import Teacher, TeacherConfig
+from megatron_opsd.parallel import Layout, initialize
+from megatron_opsd.train.optim import OptimConfig, build_optimizer, wrap_for_training
 
 
 def tiny_config(hidden: int, layers: int, vocab: int) -> Qwen3Config:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TextIO, TypeVar
+from typing import Any, Literal, Self, TextIO, TypeVar
 
 from pydantic import Field
 from tqdm import tqdm
@@ -120,7 +120,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def plot_metrics(metrics_path: str | Path, out: str | Path, panels: Mapping[str, list[str]]) -> dict[str, list[str]]:
     """Draw each panel's matching numeric metrics against step into ``out`` (PNG); returns the
     metric names drawn per panel. A panel with nothing logged says so instead of staying blank."""
-    from matplotlib.figure import Figure  # the Agg canvas, without pyplot's global state
+    # the Agg canvas, without pyplot's global state
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     records = read_metrics(metrics_path)
@@ -165,7 +166,7 @@ class Tracker:
             dropped = truncate_metrics(path, start_step)
             if dropped:
                 log.info("%s: dropped %d line(s) of steps >= %d (resuming)", path, dropped, start_step)
-        self._file = open(path, "a")
+        self._file = open(path, "a")  # noqa: SIM115 - appended to for the whole run; close() / __exit__ close it
         if cfg.wandb and cfg.wandb_mode() != "disabled":
             self._wandb_run = self._init_wandb(dict(run_config or {}))
 
@@ -223,7 +224,7 @@ class Tracker:
         plot_metrics(self.metrics_path, out, self.cfg.plot)
         return out
 
-    def __enter__(self) -> Tracker:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

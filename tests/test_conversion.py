@@ -120,17 +120,15 @@ def test_vocab_padding_and_mistral_without_window():
 
 def test_interrupted_output_never_looks_finished(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="interrupted"):
-        with atomic_output_dir(out) as tmp:
-            (tmp / "model.safetensors.index.json").write_text("{}")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError, match="interrupted"), atomic_output_dir(out) as tmp:
+        (tmp / "model.safetensors.index.json").write_text("{}")
+        raise RuntimeError("interrupted")
     assert not out.exists()
     with atomic_output_dir(out) as tmp:
         (tmp / "config.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    with pytest.raises(FileExistsError, match="already exists"):
-        with atomic_output_dir(out):
-            pass
+    with pytest.raises(FileExistsError, match="already exists"), atomic_output_dir(out):
+        pass
 
 
 def test_corrupt_shard_file_is_named(ckpt):

@@ -2,14 +2,14 @@
 budgets respected, and the same sample order and placement on the teacher and the student side."""
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_opsd.data.packing import (
-    PackingConfig, assign_micro_batches, pack_pairs, split_for_data_parallel,
-)
+from megatron_opsd.data.packing import PackingConfig, assign_micro_batches, pack_pairs, split_for_data_parallel
 from megatron_opsd.data.prompts import SequencePair
 
 
@@ -36,7 +36,7 @@ def _check_side(side, seqs, starts, budget, pad):
     assert side.length <= budget and side.length % pad == 0 and side.tokens.dtype == torch.long
     cu = side.cu_seqlens.tolist()
     assert side.cu_seqlens.dtype == torch.int32 and cu[0] == 0 and cu[-1] == side.length
-    assert side.num_tokens == sum(len(s) for s in seqs) and side.max_seqlen == max(b - a for a, b in zip(cu, cu[1:]))
+    assert side.num_tokens == sum(len(s) for s in seqs) and side.max_seqlen == max(b - a for a, b in pairwise(cu))
     assert len(cu) - 1 in (len(seqs), len(seqs) + 1)  # one segment per sample (+ the tail padding)
     predict, targets = side.predict_positions.tolist(), side.targets.tolist()
     r = 0

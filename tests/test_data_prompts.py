@@ -8,7 +8,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from megatron_opsd.data.prompts import (
-    PromptBuilder, PromptConfig, PromptError, PromptLengthError, ResponseMismatchError, SequencePair,
+    PromptBuilder,
+    PromptConfig,
+    PromptError,
+    PromptLengthError,
+    ResponseMismatchError,
+    SequencePair,
 )
 from megatron_opsd.data.sources import Problem
 

@@ -7,7 +7,14 @@ import logging
 import pytest
 
 from megatron_opsd.data.sources import (
-    MISSING, DataConfig, DataError, FieldMap, ProblemIterator, extract_problems, get_path, load_problems,
+    MISSING,
+    DataConfig,
+    DataError,
+    FieldMap,
+    ProblemIterator,
+    extract_problems,
+    get_path,
+    load_problems,
 )
 
 GOOD = {"problem": "1 + 1?", "solution": "1 + 1 = 2. \\boxed{2}", "answer": "2"}

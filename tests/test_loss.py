@@ -13,8 +13,16 @@ from pydantic import ValidationError
 
 from megatron_opsd.opsd.loss import LossConfig, dense_token_divergence, fused_token_divergence
 from tests.distributed import assert_check, launch
-from tests.workers.loss_tp import (CHECKS, TOLERANCE, VARIANTS, assert_matches_dense, dense_reference, fused,
-                                   make_case, relative_error)
+from tests.workers.loss_tp import (
+    CHECKS,
+    TOLERANCE,
+    VARIANTS,
+    assert_matches_dense,
+    dense_reference,
+    fused,
+    make_case,
+    relative_error,
+)
 
 PROPERTY = settings(max_examples=25, deadline=None)
 DIVERGENCES = [v for v in VARIANTS if v != "sampled_token"]

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_opsd.tracking import METRICS_FILE, PLOT_FILE, WANDB_ID_FILE, Tracker, TrackingConfig, plot_metrics, read_metrics
+from megatron_opsd.tracking import (
+    METRICS_FILE,
+    PLOT_FILE,
+    WANDB_ID_FILE,
+    Tracker,
+    TrackingConfig,
+    plot_metrics,
+    read_metrics,
+)
 
 NO_WANDB = TrackingConfig(wandb=False)
 

@@ -30,14 +30,14 @@ import argparse
 import json
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from megatron_opsd.data.prompts import NAMED_TEMPLATES  # noqa: E402
+from megatron_opsd.data.prompts import NAMED_TEMPLATES
 
 NAMES = ["Tom", "Ann", "Sam", "Mia", "Ben", "Lily", "Max", "Zoe", "Leo", "Emma", "Noah", "Ava", "Jack", "Ella", "Omar", "Nina"]
 PRONOUN = {"Tom": "He", "Sam": "He", "Ben": "He", "Max": "He", "Leo": "He", "Noah": "He", "Jack": "He", "Omar": "He"}
@@ -105,7 +105,7 @@ def share_then_add(r: random.Random) -> Row:
 
 
 def shopping(r: random.Random) -> Row:
-    name, he, _ = _people(r)
+    name, _, _ = _people(r)
     (one, many), (other, _) = r.sample(GOODS, 2)
     a, b, c = r.randint(2, 6), r.randint(2, 10), r.randint(2, 5)
     return Row(

@@ -54,7 +54,8 @@ def load_preview_config(path: Path, overrides: list[str]) -> PreviewConfig:
         tree = None  # load_config reports it
     if not (isinstance(tree, dict) and "model" in tree):
         return load_config(PreviewConfig, path, overrides)
-    from megatron_opsd.train.config import TrainConfig  # imports Megatron: only when needed
+    # imports Megatron: only when needed
+    from megatron_opsd.train.config import TrainConfig
 
     full = load_config(TrainConfig, path, overrides)
     return PreviewConfig(tokenizer=full.tokenizer, data=full.data, prompts=full.prompts, packing=full.packing)

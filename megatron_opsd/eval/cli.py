@@ -21,7 +21,7 @@ from pydantic import Field
 from megatron_opsd.config import ConfigError, config_reference, load_config
 from megatron_opsd.data.prompts import PromptBuilder, PromptConfig, PromptError
 from megatron_opsd.data.sources import DataConfig, DataError, Problem, load_problems
-from megatron_opsd.eval.evaluate import EvalConfig, write_report, evaluate, reference_of
+from megatron_opsd.eval.evaluate import EvalConfig, evaluate, reference_of, write_report
 from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_opsd.section import Section
 

@@ -149,8 +149,8 @@ def evaluate(
         raise ValueError("nothing to evaluate: no problems")
     references = [reference_of(p) for p in problems]
     tokenizer = prompt_builder.tokenizer
-    params = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
-                  stop_token_ids=stop_token_ids(tokenizer, cfg.stop_tokens), n=cfg.k)
+    params = {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k, "max_new_tokens": cfg.max_new_tokens,
+              "stop_token_ids": stop_token_ids(tokenizer, cfg.stop_tokens), "n": cfg.k}
     rows: list[dict[str, Any]] = []
     starts = range(0, len(problems), cfg.batch_size)
     for b, start in enumerate(tqdm(starts, desc="eval", unit="batch", disable=not progress)):

@@ -61,7 +61,7 @@ class HFReader:
                 problems.append(f"cannot read shard file {path}: {e}")
                 continue
             self._handles[file] = handle
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 - safe_open has keys() but is not iterable
                 if name.endswith(DERIVED_SUFFIXES):
                     skipped += 1
                     continue
@@ -95,7 +95,7 @@ class HFReader:
             return json.loads(index.read_text())["weight_map"]
         if (self.dir / SINGLE).is_file():
             with safe_open(str(self.dir / SINGLE), framework="pt") as f:
-                return {name: SINGLE for name in f.keys()}
+                return {name: SINGLE for name in f.keys()}  # noqa: SIM118 - safe_open has keys() but is not iterable
         raise CheckpointError(f"no {INDEX} or {SINGLE} in {self.dir}")
 
     def slice(self, name: str):

@@ -55,7 +55,13 @@ from megatron_opsd.opsd.teacher import Teacher
 from megatron_opsd.platform import current_device
 from megatron_opsd.rollout.engine import Rollout
 from megatron_opsd.section import Section
-from megatron_opsd.train.metrics import PhaseTimer, all_reduce_stats, divergence_diagnostics, peak_memory_bytes, rollout_stats
+from megatron_opsd.train.metrics import (
+    PhaseTimer,
+    all_reduce_stats,
+    divergence_diagnostics,
+    peak_memory_bytes,
+    rollout_stats,
+)
 from megatron_opsd.train.optim import guarded_step, zero_grads
 
 
@@ -121,7 +127,7 @@ class OPSDStep:
         scheduler: OptimizerParamScheduler,
         teacher: Teacher,
         loss_cfg: LossConfig,
-        cfg: StepConfig = StepConfig(),
+        cfg: StepConfig | None = None,
         logprob_temperature: float | None = None,
     ):
         if len(chunks) != 1:
@@ -135,7 +141,7 @@ class OPSDStep:
         self.scheduler = scheduler
         self.teacher = teacher
         self.loss_cfg = loss_cfg
-        self.cfg = cfg
+        self.cfg = cfg if cfg is not None else StepConfig()  # a fresh default: StepConfig is mutable
         self.logprob_temperature = logprob_temperature
         self.skipped_total = 0
         self.consecutive_skips = 0

@@ -256,7 +256,7 @@ def load_checkpoint(
     verify(path)
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))["common"]
-    except Exception as exc:  # noqa: BLE001 - re-raised with the path
+    except Exception as exc:
         raise CheckpointError(f"{path}: cannot read common state: {exc}") from exc
     if common["teacher_mode"] != teacher.cfg.mode:
         raise CheckpointError(f"{path} was saved with teacher mode {common['teacher_mode']!r}, run uses {teacher.cfg.mode!r}")
@@ -265,7 +265,7 @@ def load_checkpoint(
     state = _state_dict(chunks, optimizer, teacher, is_loading=True, with_rng=same_layout)
     try:
         loaded = dist_checkpointing.load(state, str(path))
-    except Exception as exc:  # noqa: BLE001 - re-raised with the path
+    except Exception as exc:
         raise CheckpointError(f"{path}: cannot load: {exc}") from exc
     for i, chunk in enumerate(chunks):
         unwrap_model(chunk).load_state_dict(loaded[f"model{i}"])

@@ -51,7 +51,7 @@ from megatron_opsd.config import ConfigError
 from megatron_opsd.data.packing import MicroBatch
 from megatron_opsd.data.prompts import PromptBuilder, SequencePair
 from megatron_opsd.data.sources import Problem, ProblemIterator, load_problems
-from megatron_opsd.eval.evaluate import stop_token_ids, evaluate
+from megatron_opsd.eval.evaluate import evaluate, stop_token_ids
 from megatron_opsd.models import build_model, load_hf_config
 from megatron_opsd.models.bridge import export_hf_tensors, load_hf_weights
 from megatron_opsd.models.forward import forward_only

@@ -59,7 +59,7 @@ class SFTStep(OPSDStep):
     """
 
     def __init__(self, chunks: Sequence[torch.nn.Module], optimizer: MegatronOptimizer,
-                 scheduler: OptimizerParamScheduler, loss_cfg: LossConfig, cfg: StepConfig = StepConfig()):
+                 scheduler: OptimizerParamScheduler, loss_cfg: LossConfig, cfg: StepConfig | None = None):
         params = [p for chunk in chunks for p in chunk.parameters()]
         super().__init__(chunks, optimizer, scheduler, Teacher(TeacherConfig(mode="live"), params), loss_cfg, cfg)
 

@@ -11,7 +11,17 @@ from megatron_opsd.data.packing import PackingConfig
 from megatron_opsd.opsd.step import rank_micro_batches
 from tests.distributed import run_checks
 from tests.workers.trainer_common import (
-    RESUME, args, assert_close, fixed_pairs, full_grads, load, make_trainer, resume_data, run, save, work_path,
+    RESUME,
+    args,
+    assert_close,
+    fixed_pairs,
+    full_grads,
+    load,
+    make_trainer,
+    resume_data,
+    run,
+    save,
+    work_path,
 )
 
 A = args()

@@ -175,7 +175,7 @@ def load(trainer: Trainer, root: Path, it: ProblemIterator) -> int:
 # The resume scenario: DP=2 with the distributed optimizer, an EMA teacher and a warmup + cosine
 # schedule, so that every piece of state (optimizer moments and step, teacher, scheduler, data
 # position) has to come back for the losses to match.
-RESUME = dict(teacher="ema", schedule="cosine", warmup_steps=2, total_steps=6, distributed_optimizer=True)
+RESUME = {"teacher": "ema", "schedule": "cosine", "warmup_steps": 2, "total_steps": 6, "distributed_optimizer": True}
 
 
 def resume_data() -> tuple[ProblemIterator, RecordedRolloutEngine]:

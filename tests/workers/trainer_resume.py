@@ -17,9 +17,7 @@ import torch.distributed as dist
 from megatron_opsd.data.packing import PackingConfig
 from megatron_opsd.opsd.step import rank_micro_batches
 from tests.distributed import run_checks
-from tests.workers.trainer_common import (
-    RESUME, args, load, make_trainer, pairs_for, resume_data, run, save, work_path,
-)
+from tests.workers.trainer_common import RESUME, args, load, make_trainer, pairs_for, resume_data, run, save, work_path
 
 A = args()
 ROOT = work_path("ckpt_resume")

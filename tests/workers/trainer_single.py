@@ -8,7 +8,13 @@ from megatron_opsd.data.packing import PackingConfig
 from megatron_opsd.opsd.step import NonFiniteError, rank_micro_batches
 from tests.distributed import run_checks
 from tests.workers.trainer_common import (
-    args, assert_close, fixed_pairs, full_grads, full_params, make_trainer, work_path,
+    args,
+    assert_close,
+    fixed_pairs,
+    full_grads,
+    full_params,
+    make_trainer,
+    work_path,
 )
 
 A = args()

@@ -19,5 +19,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/opsd demo examples/tiny_cpu.yaml run_dir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
+# The layer contracts (pyproject.toml, [tool.importlinter]), then the tests.
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -p no:cacheprovider

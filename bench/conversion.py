@@ -32,8 +32,8 @@ from transformers import LlamaConfig
 
 from megatron_opsd.models import build_model, checkpoint
 from megatron_opsd.models.architectures import parse_hf_config
-from megatron_opsd.models.bridge import export_hf_tensors, hf_shapes, load_hf_weights
-from megatron_opsd.models.hf_io import atomic_output_dir, copy_non_weight_files, write_hf_shards
+from megatron_opsd.models.bridge import hf_shapes, load_hf_weights, write_hf_model
+from megatron_opsd.models.hf_io import copy_non_weight_files, write_hf_shards
 from megatron_opsd.parallel import Layout, initialize
 
 
@@ -100,9 +100,9 @@ def megatron_to_hf(config, src: Path, dst: Path, clock: Clock) -> None:
         chunks = build_model(config, torch.bfloat16, perform_initialization=False)
     with clock("  mg->hf load dist checkpoint"):
         checkpoint.load(chunks, src)
-    with clock("  mg->hf export + write HF shards"), atomic_output_dir(dst) as tmp:
-        write_hf_shards(export_hf_tensors(chunks), tmp, max_shard_bytes=256 * 2**20)
-        copy_non_weight_files(checkpoint.hf_config_dir(src), tmp)
+    with clock("  mg->hf export + write HF shards"):
+        write_hf_model(chunks, dst, lambda tmp: copy_non_weight_files(checkpoint.hf_config_dir(src), tmp),
+                       max_shard_bytes=256 * 2**20)
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_opsd.data.packing import PackingConfig, assign_micro_batches, pack_pairs, round_up
-from megatron_opsd.data.prompts import SequencePair
+from megatron_opsd.data.packing import PackingConfig, assign_micro_batches, pack_samples, round_up
+from megatron_opsd.data.sample import Sample
 
 STUDENT_BUDGET, TEACHER_BUDGET, PAD_MULTIPLE = 16384, 20480, 16
 
@@ -58,17 +58,16 @@ def one(n: int, rng: np.random.Generator) -> dict[str, float]:
 
 
 def full_pack_ms(student: list[int], teacher: list[int]) -> float:
-    """Wall time (ms) of ``pack_pairs``, tensor building included, on synthetic pairs with these lengths."""
-    pairs = []
+    """Wall time (ms) of ``pack_samples``, tensor building included, on synthetic samples with these lengths."""
+    samples = []
     for s, t in zip(student, teacher):
         response = tuple(range(min(s - 1, 1024)))
-        pairs.append(SequencePair((7,) * (s - len(response)) + response, (9,) * (t - len(response)) + response,
-                                  s - len(response), t - len(response)))
+        samples.append(Sample((7,) * (s - len(response)), response, teacher_prompt_ids=(9,) * (t - len(response))))
     cfg = PackingConfig(tokens_per_micro_batch=STUDENT_BUDGET, teacher_tokens_per_micro_batch=TEACHER_BUDGET)
     times = []
     for _ in range(4):  # the first call pays torch's one-time costs; the best of the rest is the steady state
         t0 = time.perf_counter()
-        pack_pairs(pairs, cfg, pad_multiple=PAD_MULTIPLE)
+        pack_samples(samples, cfg, pad_multiple=PAD_MULTIPLE)
         times.append(time.perf_counter() - t0)
     return 1e3 * min(times[1:])
 
@@ -84,7 +83,7 @@ def main() -> None:
         row, student, teacher = one(n, rng)
         print(f"\n{n} samples: student median {int(np.median(student))} / max {max(student)} tokens, "
               f"{row['micro-batches']} micro-batches, assignment {row['assign ms']:.1f} ms, "
-              f"pack_pairs {full_pack_ms(student, teacher):.0f} ms")
+              f"pack_samples {full_pack_ms(student, teacher):.0f} ms")
         print(f"  {'non-pad fraction':<18}{'student':>9}{'teacher':>9}")
         for kind in ("packed THD", "packed fixed", "padded b4", "padded b8"):
             print(f"  {kind:<18}{row['student ' + kind]:>9.1%}{row['teacher ' + kind]:>9.1%}")

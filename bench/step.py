@@ -1,8 +1,9 @@
 """Where an OPSD step's time goes, and what the teacher pass keeps per response token.
 
-On a tiny Qwen3-style model on the CPU, in one process, this times full training steps
-(``OPSDStep``: teacher pass with the fixed-teacher weight swap, student forward-backward through
-Megatron's schedule, DDP grad finalisation, guarded AdamW step, metrics) and, in the same run and
+On a tiny Qwen3-style model on the CPU, in one process, this times full training steps (the
+``StepRunner`` with the OPSD algorithm: teacher pass with the fixed-teacher weight swap, student
+forward-backward through Megatron's schedule, DDP grad finalisation, guarded AdamW step, metrics)
+and, in the same run and
 on the same micro-batches, the bare compute the step cannot avoid: the teacher forward, the
 student forward + fused loss + backward, called directly. The difference is the trainer's
 overhead (goal: <= 10% of the step).
@@ -20,16 +21,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers import Qwen3Config
+from transformers import AutoTokenizer, Qwen3Config
 
+from megatron_opsd.algorithms.opsd import OPSD, OPSDConfig
+from megatron_opsd.data.batching import rank_micro_batches
 from megatron_opsd.data.packing import PackingConfig
-from megatron_opsd.data.prompts import SequencePair
+from megatron_opsd.data.prompts import PromptBuilder, PromptConfig
+from megatron_opsd.data.sample import Sample
 from megatron_opsd.models import build_model
 from megatron_opsd.opsd.loss import LossConfig, fused_token_divergence
-from megatron_opsd.opsd.step import OPSDStep, StepConfig, rank_micro_batches
-from megatron_opsd.opsd.teacher import Teacher, TeacherConfig
 from megatron_opsd.parallel import Layout, initialize
 from megatron_opsd.train.optim import OptimConfig, build_optimizer, wrap_for_training
+from megatron_opsd.train.step import StepRunner
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(hidden: int, layers: int, vocab: int) -> Qwen3Config:
@@ -38,7 +43,7 @@ def tiny_config(hidden: int, layers: int, vocab: int) -> Qwen3Config:
                        max_position_embeddings=2048, architectures=["Qwen3ForCausalLM"])
 
 
-def pairs(n: int, vocab: int, seed: int = 0) -> list[SequencePair]:
+def samples(n: int, vocab: int, seed: int = 0) -> list[Sample]:
     """Student prompt 64, teacher prompt 64 + a 128-token solution, responses 96-224 tokens."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -46,13 +51,13 @@ def pairs(n: int, vocab: int, seed: int = 0) -> list[SequencePair]:
         prompt = torch.randint(vocab, (64,), generator=g).tolist()
         solution = torch.randint(vocab, (128,), generator=g).tolist()
         response = torch.randint(vocab, (96 + (i * 37) % 128,), generator=g).tolist()
-        out.append(SequencePair(tuple(prompt + response), tuple(prompt + solution + response), 64, 192))
+        out.append(Sample(tuple(prompt), tuple(response), teacher_prompt_ids=tuple(prompt + solution)))
     return out
 
 
-def bare_compute(step: OPSDStep, batches) -> tuple[float, float]:
+def bare_compute(step: StepRunner, batches) -> tuple[float, float]:
     """(teacher forward, student forward + loss + backward) seconds: the model and loss work only."""
-    model, cfg = step.model, step.loss_cfg
+    model, cfg = step.model, step.algorithm.cfg.loss
     weight = model.output_weight()
     start = time.perf_counter()
     teacher = []
@@ -86,10 +91,11 @@ def main() -> None:
     chunks = build_model(tiny_config(a.hidden, a.layers, a.vocab))
     ddp = wrap_for_training(chunks, chunks[0].config, use_distributed_optimizer=False)
     optimizer, scheduler = build_optimizer(OptimConfig(lr=1e-4), ddp, total_steps=a.steps + 1)
-    teacher = Teacher(TeacherConfig(mode="fixed"), [p for c in ddp for p in c.parameters()])
-    step = OPSDStep(ddp, optimizer, scheduler, teacher, LossConfig(vocab_size=a.vocab), StepConfig())
-    batches = rank_micro_batches(pairs(a.samples, a.vocab), PackingConfig(tokens_per_micro_batch=a.tokens_per_micro_batch,
-                                                                          teacher_tokens_per_micro_batch=2 * a.tokens_per_micro_batch))
+    prompts = PromptBuilder(AutoTokenizer.from_pretrained(REPO / "data" / "tokenizer"), PromptConfig())  # unused: samples are given
+    algorithm = OPSD(OPSDConfig(loss=LossConfig(vocab_size=a.vocab)), ddp, prompts, logprob_temperature=1.0)
+    step = StepRunner(ddp, optimizer, scheduler, algorithm)
+    batches = rank_micro_batches(samples(a.samples, a.vocab), PackingConfig(
+        tokens_per_micro_batch=a.tokens_per_micro_batch, teacher_tokens_per_micro_batch=2 * a.tokens_per_micro_batch))
     response_tokens = sum(mb.num_response_tokens for mb in batches)
     student_tokens = sum(mb.student.length for mb in batches)
     teacher_tokens = sum(mb.teacher.length for mb in batches)
@@ -126,7 +132,7 @@ def main() -> None:
     hidden_bytes = a.hidden * 4
     print("teacher pass keeps per response token (until the student pass consumes it):")
     with torch.no_grad():
-        kept = sum(h.numel() * h.element_size() for h in step.teacher_pass(batches))
+        kept = sum(h.numel() * h.element_size() for h in step.forward_pass(algorithm.forward_passes[0], batches))
     print(f"  this run: hidden states {kept / response_tokens:.0f} B/token (fp32, H={a.hidden}); "
           f"fp32 logits would be {a.vocab * 4} B/token: {a.vocab * 4 / hidden_bytes:.0f}x more")
     for name, h, v in (("Qwen3-1.7B", 2048, 151936), ("Qwen3-8B", 4096, 151936)):

@@ -15,7 +15,7 @@ import logging
 import sys
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "megatron_opsd.data.preview",  # opsd data preview
+    "megatron_opsd.preview",  # opsd data preview
     "megatron_opsd.eval.cli",  # opsd eval
     "megatron_opsd.convert",  # opsd convert
     "megatron_opsd.train.cli",  # opsd train

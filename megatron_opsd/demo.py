@@ -6,8 +6,7 @@ CONFIG is an OPSD training config (``examples/tiny_cpu.yaml``) with held-out ``e
 1. ``warmup/``: SFT on the reference solutions from the config's model, half of the examples with
    the teacher's prompt (so that the model learns to use a solution in context; without it the
    teacher role gives OPSD no signal), its learning rate decayed along a cosine to a tenth (the
-   annealing is worth a lot: 9% -> 22% over the last half of the validated warm-up), exported as
-   an HF directory;
+   annealing matters: bench/RESULTS.md, "CPU demo"), exported as an HF directory;
 2. ``opsd/``: OPSD from the warm-up, evaluated before its first step (the base) and at the end;
 3. ``sft/``: SFT from the warm-up with the same steps, prompts per step and optimizer (the paper's
    baseline), evaluated at the end.
@@ -27,6 +26,7 @@ from megatron_opsd.config import ConfigError, load_config
 from megatron_opsd.data.packing import PackingError
 from megatron_opsd.data.prompts import PromptError
 from megatron_opsd.data.sources import DataError
+from megatron_opsd.fileio import CheckpointError
 from megatron_opsd.rollout.engine import ProbeMismatchError
 
 
@@ -42,7 +42,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="problems per SFT warm-up step (default %(default)s)")
     p.add_argument("--warmup-teacher-fraction", type=float, default=0.5,
                    help="share of warm-up examples with the teacher prompt (default %(default)s)")
-    p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, PackingError, ProbeMismatchError))
+    p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, PackingError, ProbeMismatchError,
+                                         CheckpointError))
 
 
 def _phase(base: Any, root: Path, name: str, **update: Any) -> Any:
@@ -52,16 +53,21 @@ def _phase(base: Any, root: Path, name: str, **update: Any) -> Any:
     return base.model_copy(update={"run_dir": str(run_dir), "checkpoint": checkpoint, **update})
 
 
+def _algorithm(base: Any, name: str, sft: Any) -> Any:
+    """``base``'s algorithm section with algorithm ``name`` and SFT settings ``sft``."""
+    return base.algorithm.model_copy(update={"name": name, "sft": sft})
+
+
 def run(args: argparse.Namespace) -> int:
     from megatron_opsd.eval.evaluate import write_report
+    from megatron_opsd.models import ModelConfig
     from megatron_opsd.train.cli import quiet_megatron
-    from megatron_opsd.train.config import ModelConfig, TrainConfig
+    from megatron_opsd.train.config import TrainConfig
     from megatron_opsd.train.loop import train
-    from megatron_opsd.train.sft import SFTConfig
 
     quiet_megatron()
     start = time.perf_counter()
-    base = load_config(TrainConfig, args.config, [*args.overrides, "algorithm=opsd"])
+    base = load_config(TrainConfig, args.config, [*args.overrides, "algorithm.name=opsd"])
     if base.eval.data is None:
         raise ConfigError(f"{args.config}: the demo needs held-out problems in eval.data")
     root = Path(base.run_dir)
@@ -72,15 +78,15 @@ def run(args: argparse.Namespace) -> int:
     warmup_optim = base.optim.model_copy(update={
         "lr": args.warmup_lr, "min_lr": args.warmup_lr / 10, "schedule": "cosine",
         "warmup_steps": args.warmup_steps // 20})
-    warmup = _phase(base, root, "warmup", algorithm="sft", steps=args.warmup_steps, export_hf=True,
-                    prompts_per_step=args.warmup_prompts_per_step, optim=warmup_optim,
-                    sft=SFTConfig(teacher_prompt_fraction=args.warmup_teacher_fraction),
+    warmup_sft = base.algorithm.sft.model_copy(update={"teacher_prompt_fraction": args.warmup_teacher_fraction})
+    warmup = _phase(base, root, "warmup", algorithm=_algorithm(base, "sft", warmup_sft), steps=args.warmup_steps,
+                    export_hf=True, prompts_per_step=args.warmup_prompts_per_step, optim=warmup_optim,
                     eval=base.eval.model_copy(update={"data": None}))
     train(warmup)
     warm = ModelConfig(hf=str(root / "warmup" / "hf"), dtype=base.model.dtype)
     at_start = base.eval.model_copy(update={"at_start": True})
     opsd = train(_phase(base, root, "opsd", model=warm, eval=at_start))
-    sft = train(_phase(base, root, "sft", algorithm="sft", model=warm))
+    sft = train(_phase(base, root, "sft", algorithm=_algorithm(base, "sft", base.algorithm.sft), model=warm))
 
     base_report = json.loads((root / "opsd" / "eval" / "step_000000.json").read_text())
     summary = {

@@ -1,4 +1,5 @@
-"""Parallel layout (TP / PP / CP / DP process groups) and seeds.
+"""Parallel layout (TP / PP / CP / DP process groups), seeds, and the few collectives the trainer
+shares between its parts.
 
 Megatron keeps its process groups in the global ``megatron.core.parallel_state``, which is also
 the API for ranks and groups; :func:`initialize` (re)builds them, so a single process can switch
@@ -8,7 +9,9 @@ layouts (tests compare TP=1, TP=2 and PP=2 in one launch).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -16,7 +19,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from megatron_opsd.platform import Platform, init_process_group
+from megatron_opsd.platform import Platform, current_device, init_process_group
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -61,3 +66,36 @@ def seed_all(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def all_reduce_stats(sums: dict[str, float], maxes: dict[str, float],
+                     group: dist.ProcessGroup | None) -> tuple[dict[str, float], dict[str, float]]:
+    """Sum ``sums`` and max ``maxes`` over ``group`` in two collectives (fp64: token counts stay exact)."""
+    device = current_device()
+    s = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+    m = torch.tensor(list(maxes.values()), dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(s, group=group)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    return dict(zip(sums, s.tolist())), dict(zip(maxes, m.tolist()))
+
+
+def broadcast_from_rank0(produce: Callable[[], T]) -> T:
+    """``produce()`` on global rank 0, its result broadcast to every rank (collective).
+
+    If it raises, every rank raises (rank 0 the original error, the others a RuntimeError naming
+    it), instead of the others waiting for rank 0 in their next collective until the timeout.
+    """
+    payload: list[Any] = [None, None]
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            payload[0] = produce()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            error, payload[1] = exc, f"{type(exc).__name__} on rank 0: {exc}"
+    dist.broadcast_object_list(payload, src=0)
+    if error is not None:
+        raise error
+    if payload[1] is not None:
+        raise RuntimeError(payload[1])
+    return payload[0]

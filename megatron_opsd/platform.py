@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import resource
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,14 @@ def detect() -> Platform:
 def current_device() -> torch.device:
     """This rank's compute device: its CUDA device, else the CPU (collective buffers live here)."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def peak_memory_bytes() -> int:
+    """Peak device memory on GPU; peak resident set size of this process on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def init_process_group(timeout_s: float = 1800) -> Platform:

@@ -1,7 +1,7 @@
 """Metrics sinks of a run: a JSONL file in the run directory, wandb, progress bars, and a PNG plot.
 
-Named ``tracking`` rather than DESIGN.md's ``logging``: a package module called ``logging``
-shadows the standard library for any script started from inside the package directory
+Named ``tracking`` rather than ``logging``: a package module called ``logging`` shadows the
+standard library for any script started from inside the package directory
 (``python megatron_opsd/cli.py`` puts that directory first on ``sys.path``, and then torch's and
 transformers' own ``import logging`` would load this file), and it makes every ``import logging``
 in the package ambiguous to a reader.

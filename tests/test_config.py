@@ -1,8 +1,10 @@
-"""The config tree's reference and key walk: optional sections, containers of sections, descriptions."""
+"""The config tree's reference and key walk: optional sections, containers and choices of sections, descriptions."""
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import pytest
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag
 
 from megatron_opsd.config import ConfigError, config_keys, config_reference, load_config
 from megatron_opsd.section import Section
@@ -57,3 +59,36 @@ def test_every_training_key_has_a_description():
     assert len(leaves) > 100 and "eval.data.seed" in {k.key for k in leaves}
     undocumented = [k.key for k in leaves if not k.field.description]
     assert undocumented == [], f"config keys without Field(description=...): {undocumented}"
+
+
+class Plain(Section):
+    kind: Literal["plain"] = Field(default="plain", description="the plain one")
+    width: int = Field(default=1, description="how wide")
+
+
+class Fancy(Section):
+    kind: Literal["fancy"] = Field(description="the fancy one")
+    width: int = Field(default=2, description="how wide")
+    path: str = Field(description="where")
+
+
+class Chooser(Section):
+    engine: Annotated[Annotated[Plain, Tag("plain")] | Annotated[Fancy, Tag("fancy")],
+                      Discriminator(lambda v: v.get("kind", "plain") if isinstance(v, dict) else v.kind)] = Plain()
+
+
+def test_a_choice_of_sections_lists_each_key_once_with_its_variant():
+    keys = {k.key: k for k in config_keys(Chooser)}
+    assert list(keys) == ["engine", "engine.kind", "engine.width", "engine.path"]
+    assert keys["engine.path"].variant == "kind fancy" and keys["engine.width"].variant is None
+    text = config_reference(Chooser)
+    assert "  engine.kind ('plain' | 'fancy', default 'plain'): plain: the plain one; fancy: the fancy one" in text
+    assert "  engine.path (str, required; kind fancy): where" in text
+
+
+def test_errors_in_a_chosen_section_name_keys_without_the_tag():
+    assert load_config(Chooser, None, ["engine.width=3"]).engine == Plain(width=3)  # no kind: the default choice
+    with pytest.raises(ConfigError) as error:
+        load_config(Chooser, None, ["engine.kind=fancy", "engine.paht=x"])
+    assert "  engine.path: Field required" in str(error.value)
+    assert "unknown key 'engine.paht' (did you mean 'engine.path'?)" in str(error.value)

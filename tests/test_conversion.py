@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
+from megatron_opsd.fileio import CheckpointError, atomic_output_dir
 from megatron_opsd.models.architectures import UnsupportedConfigError, parse_hf_config
 from megatron_opsd.models.bridge import hf_shapes
-from megatron_opsd.models.hf_io import INDEX, CheckpointError, HFReader, atomic_output_dir
+from megatron_opsd.models.hf_io import INDEX, HFReader
 from tests.tiny_models import CONFIGS, save_tiny_model
 
 

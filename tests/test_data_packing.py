@@ -1,42 +1,47 @@
-"""Packing properties (hypothesis): every response token once with its target, samples whole,
-budgets respected, and the same sample order and placement on the teacher and the student side."""
+"""Packing properties (hypothesis): every response token once with its target and its per-token
+values, samples whole, budgets respected, the same sample order and placement on the teacher and
+the student side, and one-sided packing for algorithms without a teacher."""
 from __future__ import annotations
-
-from itertools import pairwise
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_opsd.data.packing import PackingConfig, assign_micro_batches, pack_pairs, split_for_data_parallel
-from megatron_opsd.data.prompts import SequencePair
+from megatron_opsd.data.batching import split_for_data_parallel
+from megatron_opsd.data.packing import PackingConfig, PackingError, assign_micro_batches, pack_samples
+from megatron_opsd.data.sample import Sample, SampleLayout
 
 
 @st.composite
-def pairs_and_config(draw):
+def samples_and_config(draw, two_sided=None):
     n = draw(st.integers(1, 12))
+    two_sided = draw(st.booleans()) if two_sided is None else two_sided
+    with_logprobs = draw(st.booleans())
     ids = st.integers(1, 999)
-    pairs = []
+    samples = []
     for _ in range(n):
         sp, tp = draw(st.integers(1, 20)), draw(st.integers(1, 40))
-        response = draw(st.lists(ids, min_size=1, max_size=15))
-        pairs.append(SequencePair(tuple(draw(st.lists(ids, min_size=sp, max_size=sp)) + response),
-                                  tuple(draw(st.lists(ids, min_size=tp, max_size=tp)) + response), sp, tp))
+        response = tuple(draw(st.lists(ids, min_size=1, max_size=15)))
+        samples.append(Sample(
+            tuple(draw(st.lists(ids, min_size=sp, max_size=sp))), response,
+            teacher_prompt_ids=tuple(draw(st.lists(ids, min_size=tp, max_size=tp))) if two_sided else None,
+            rollout_logprobs=tuple(-float(t) / 1000 for t in response) if with_logprobs else None,
+            token_extras={"advantage": tuple(float(len(samples)) for _ in response)}))
     pad = draw(st.sampled_from([1, 2, 4, 8]))
-    longest_s = max(len(p.student_ids) for p in pairs)
-    longest_t = max(len(p.teacher_ids) for p in pairs)
+    longest_s = max(len(s.student_ids) for s in samples)
+    longest_t = max(len(s.teacher_ids or ()) for s in samples)
     cfg = PackingConfig(tokens_per_micro_batch=draw(st.integers(longest_s, 3 * longest_s)) + pad - 1,
-                        teacher_tokens_per_micro_batch=draw(st.integers(longest_t, 3 * longest_t)) + pad - 1)
+                        teacher_tokens_per_micro_batch=draw(st.integers(max(longest_t, 1), 3 * max(longest_t, 1))) + pad - 1)
     k = draw(st.one_of(st.none(), st.integers(1, 6)))
-    return pairs, cfg, pad, k
+    return samples, cfg, pad, k
 
 
 def _check_side(side, seqs, starts, budget, pad):
     assert side.length <= budget and side.length % pad == 0 and side.tokens.dtype == torch.long
     cu = side.cu_seqlens.tolist()
     assert side.cu_seqlens.dtype == torch.int32 and cu[0] == 0 and cu[-1] == side.length
-    assert side.num_tokens == sum(len(s) for s in seqs) and side.max_seqlen == max(b - a for a, b in pairwise(cu))
+    assert side.num_tokens == sum(len(s) for s in seqs)
     assert len(cu) - 1 in (len(seqs), len(seqs) + 1)  # one segment per sample (+ the tail padding)
     predict, targets = side.predict_positions.tolist(), side.targets.tolist()
     r = 0
@@ -53,33 +58,42 @@ def _check_side(side, seqs, starts, budget, pad):
 
 
 @settings(max_examples=150, deadline=None)
-@given(pairs_and_config())
+@given(samples_and_config())
 def test_packing_properties(case):
-    pairs, cfg, pad, k = case
-    batches = pack_pairs(pairs, cfg, pad_multiple=pad, pad_id=0, num_micro_batches=k)
+    samples, cfg, pad, k = case
+    batches = pack_samples(samples, cfg, pad_multiple=pad, pad_id=0, num_micro_batches=k)
     s_budget, t_budget = cfg.budgets(pad)
+    two_sided = samples[0].teacher_prompt_ids is not None
     placed = [i for mb in batches for i in mb.sample_ids]
-    assert sorted(placed) == list(range(len(pairs)))  # every sample exactly once
-    fewest = len(assign_micro_batches([len(p.student_ids) for p in pairs], [len(p.teacher_ids) for p in pairs],
-                                      s_budget, t_budget))
+    assert sorted(placed) == list(range(len(samples)))  # every sample exactly once
+    fewest = len(assign_micro_batches([len(s.student_ids) for s in samples],
+                                      [len(s.teacher_ids) for s in samples] if two_sided else None, s_budget, t_budget))
     assert len(batches) == (fewest if k is None else max(k, fewest))
     for mb in batches:
-        chosen = [pairs[i] for i in mb.sample_ids]
-        _check_side(mb.student, [p.student_ids for p in chosen], [p.student_response_start for p in chosen], s_budget, pad)
-        _check_side(mb.teacher, [p.teacher_ids for p in chosen], [p.teacher_response_start for p in chosen], t_budget, pad)
-        # Same samples, same order: row r of both sides predicts the same response token of the same sample.
-        assert torch.equal(mb.student.targets, mb.teacher.targets)
+        chosen = [samples[i] for i in mb.sample_ids]
+        _check_side(mb.student, [s.student_ids for s in chosen], [len(s.prompt_ids) for s in chosen], s_budget, pad)
+        if two_sided:
+            _check_side(mb.teacher, [s.teacher_ids for s in chosen], [len(s.teacher_prompt_ids) for s in chosen],
+                        t_budget, pad)
+            # Same samples, same order: row r of both sides predicts the same response token of the same sample.
+            assert torch.equal(mb.student.targets, mb.teacher.targets)
+        else:
+            assert mb.teacher is None
         offsets = mb.response_offsets.tolist()
-        for j, p in enumerate(chosen):
-            assert mb.student.targets[offsets[j]:offsets[j + 1]].tolist() == list(p.response_ids)
-    assert sum(mb.num_response_tokens for mb in batches) == sum(p.response_length for p in pairs)
+        assert sorted(mb.per_token) == sorted(samples[0].per_token)
+        for j, s in enumerate(chosen):
+            rows = slice(offsets[j], offsets[j + 1])
+            assert mb.student.targets[rows].tolist() == list(s.response_ids)
+            for name, values in s.per_token.items():  # per-token values travel row by row with their targets
+                assert mb.per_token[name][rows].tolist() == pytest.approx(list(values))
+    assert sum(mb.num_response_tokens for mb in batches) == sum(len(s.response_ids) for s in samples)
 
 
 @settings(max_examples=40, deadline=None)
-@given(pairs_and_config())
+@given(samples_and_config(two_sided=True))
 def test_attention_mask_is_block_diagonal_causal(case):
-    pairs, cfg, pad, _ = case
-    for mb in pack_pairs(pairs, cfg, pad_multiple=pad):
+    samples, cfg, pad, _ = case
+    for mb in pack_samples(samples, cfg, pad_multiple=pad):
         for side in (mb.student, mb.teacher):
             mask = side.attention_mask()
             assert mask.shape == (1, 1, side.length, side.length) and mask.dtype == torch.bool
@@ -93,6 +107,7 @@ def test_ffd_uses_few_micro_batches():
     lengths = [6, 5, 4, 3, 2, 2, 1, 1]  # sums to 24: three full micro-batches of 8
     groups = assign_micro_batches(lengths, lengths, 8, 8)
     assert len(groups) == 3 and all(sum(lengths[i] for i in g) == 8 for g in groups)
+    assert assign_micro_batches(lengths, None, 8, 1) == groups  # without a teacher side only the student budget binds
 
 
 def test_teacher_budget_binds_jointly():
@@ -109,26 +124,35 @@ def test_fixed_number_of_micro_batches_splits_then_pads_with_empty_ones():
     groups = assign_micro_batches(lengths, lengths, 10, 10, num_micro_batches=2)
     assert len(groups) == 2 and sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]
     assert len(assign_micro_batches(lengths, lengths, 10, 10, num_micro_batches=4)) == 4
-    pair = SequencePair((1, 2, 3), (4, 2, 3), 1, 1)
-    batches = pack_pairs([pair], PackingConfig(tokens_per_micro_batch=8), pad_multiple=4, num_micro_batches=3)
+    sample = Sample((1,), (2, 3), teacher_prompt_ids=(4,))
+    batches = pack_samples([sample], PackingConfig(tokens_per_micro_batch=8), pad_multiple=4, num_micro_batches=3)
     assert [mb.sample_ids for mb in batches] == [(0,), (), ()]
     empty = batches[1]
     assert empty.num_response_tokens == 0 and empty.student.length == 4 and empty.student.num_tokens == 0
 
 
+def test_a_rank_without_samples_packs_padding_with_the_steps_layout():
+    layout = SampleLayout(two_sided=True, per_token=("rollout_logprobs",))
+    (mb,) = pack_samples([], PackingConfig(tokens_per_micro_batch=8), pad_multiple=2, num_micro_batches=1, layout=layout)
+    assert mb.teacher is not None and mb.teacher.length == 2 and mb.per_token["rollout_logprobs"].numel() == 0
+    with pytest.raises(PackingError, match="packed as"):
+        pack_samples([Sample((1,), (2,))], PackingConfig(tokens_per_micro_batch=8), layout=layout)
+
+
 def test_sample_over_budget_is_an_error():
-    pair = SequencePair((1,) * 5 + (2,), (1,) * 9 + (2,), 5, 9)
+    sample = Sample((1,) * 5, (2,), teacher_prompt_ids=(1,) * 9)
     with pytest.raises(ValueError, match=r"sample 0 \(6 student / 10 teacher tokens\) exceeds"):
-        pack_pairs([pair], PackingConfig(tokens_per_micro_batch=8))
-    with pytest.raises(ValueError, match="exceeds"):  # a budget of 9 rounds down to 8 for TP padding of 4
-        pack_pairs([SequencePair((1,) * 8 + (2,), (1, 2), 8, 1)], PackingConfig(tokens_per_micro_batch=9), pad_multiple=4)
+        pack_samples([sample], PackingConfig(tokens_per_micro_batch=8))
+    with pytest.raises(ValueError, match=r"sample 0 \(9 tokens\) exceeds the micro-batch budget \(8\)"):
+        # a budget of 9 rounds down to 8 for TP padding of 4
+        pack_samples([Sample((1,) * 8, (2,))], PackingConfig(tokens_per_micro_batch=9), pad_multiple=4)
 
 
-def test_thd_params():
-    mb = pack_pairs([SequencePair((1, 2, 3), (4, 5, 2, 3), 1, 2)], PackingConfig(tokens_per_micro_batch=8), pad_multiple=4)[0]
-    params = mb.teacher.packed_seq_params()
-    assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 4] and params.max_seqlen_q == 4
-    assert mb.student.cu_seqlens.tolist() == [0, 3, 4]
+def test_segments_of_a_padded_row():
+    mb = pack_samples([Sample((1,), (2, 3), teacher_prompt_ids=(4, 5))], PackingConfig(tokens_per_micro_batch=8),
+                      pad_multiple=4)[0]
+    assert mb.teacher.cu_seqlens.tolist() == [0, 4] and mb.student.cu_seqlens.tolist() == [0, 3, 4]
+    assert mb.student.segment_ids.tolist() == [0, 0, 0, 1]
 
 
 @settings(max_examples=100, deadline=None)

@@ -1,4 +1,4 @@
-"""Prompts: the paper's templates exactly, privileged solution only for the teacher, length policy, pairs."""
+"""Prompts: the paper's templates exactly, privileged solution only for the teacher, length policy."""
 from __future__ import annotations
 
 import json
@@ -7,19 +7,12 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from megatron_opsd.data.prompts import (
-    PromptBuilder,
-    PromptConfig,
-    PromptError,
-    PromptLengthError,
-    ResponseMismatchError,
-    SequencePair,
-)
+from megatron_opsd.data.prompts import PromptBuilder, PromptConfig, PromptError, PromptLengthError
 from megatron_opsd.data.sources import Problem
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Copied from notes/paper.md (the v3 prompts) as written there: "\n" is a line break.
+# The paper's v3 prompts (arXiv 2601.18734v3) as written in the project's notes: "\n" is a line break.
 PAPER_STUDENT = r"Problem: {problem}\n\nPlease reason step by step, and put your final answer within \boxed{}."
 PAPER_TEACHER = r"Problem: {problem}\n\nHere is a reference solution to this problem:\n=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n\n\nAfter reading the reference solution above, make sure you truly understand the reasoning behind each step — do not copy or paraphrase it. Now, using your own words and independent reasoning, derive the same final answer to the problem above. Think step by step, explore different approaches, and don't be afraid to backtrack or reconsider if something doesn't work out:\n\nPlease reason step by step, and put your final answer within \boxed{}."
 PAPER_EVAL = r"{problem}\n\nPlease reason step by step, and put your final answer within \boxed{}."
@@ -143,25 +136,11 @@ def test_overlong_prompt_errors(tok, rows):
         PromptBuilder(tok, PromptConfig(max_student_prompt_tokens=10)).student_ids(item)
 
 
-def test_pair_spans_and_identical_response(tok, rows):
+def test_teacher_think_opener_ends_the_teacher_prompt(tok, rows):
     b = PromptBuilder(tok, PromptConfig(teacher_think_opener="<think>\n"))
-    item = rows[3]
-    response = tok.encode("Some reasoning. \\boxed{4}", add_special_tokens=False) + [tok.eos_token_id]
-    pair = b.pair(item, response)
-    s, t = b.student_ids(item), b.teacher_ids(item)
-    assert pair.student_ids == tuple(s + response) and pair.teacher_ids == tuple(t + response)
-    assert (pair.student_response_start, pair.teacher_response_start) == (len(s), len(t))
-    assert pair.response_ids == tuple(response) and pair.response_length == len(response)
-    assert pair.teacher_ids[pair.teacher_response_start - 2:pair.teacher_response_start] == tuple(
-        tok.encode("<think>\n", add_special_tokens=False))
-    assert b.pair(item, response, student_prompt_ids=s) == pair
-
-
-def test_pair_checks():
-    with pytest.raises(ResponseMismatchError):
-        SequencePair((1, 2, 3), (4, 5, 2, 9), 1, 2)
-    with pytest.raises(ValueError, match="non-empty"):
-        SequencePair((1, 2), (4, 5), 2, 2)
+    t = b.teacher_ids(rows[3])
+    assert t[-2:] == tok.encode("<think>\n", add_special_tokens=False)
+    assert t[:-2] == PromptBuilder(tok, PromptConfig()).teacher_ids(rows[3])
 
 
 def test_any_hf_tokenizer_with_a_chat_template_and_bos():
@@ -178,5 +157,4 @@ def test_any_hf_tokenizer_with_a_chat_template_and_bos():
     b = PromptBuilder(tok, PromptConfig(template="custom", student_template="{problem}", teacher_template="{problem}|{solution}"))
     ids = b.student_ids(Problem(0, "ab", "cd", None))
     assert ids == [vocab[t] for t in ["<s>", "[U]", "a", "b", "[A]"]]
-    pair = b.pair(Problem(0, "ab", "cd", None), [vocab["x"], vocab["y"]])
-    assert pair.teacher_ids[pair.teacher_response_start:] == (vocab["x"], vocab["y"])
+    assert b.teacher_ids(Problem(0, "ab", "cd", None)) == [vocab[t] for t in ["<s>", "[U]", "a", "b", "|", "c", "d", "[A]"]]

@@ -16,7 +16,8 @@ from megatron_opsd.data.prompts import PromptBuilder, PromptConfig
 from megatron_opsd.data.sources import Problem
 from megatron_opsd.eval.evaluate import EvalConfig, evaluate, majority_score, pass_at_k, reference_of, vote
 from megatron_opsd.rollout.embedded import EmbeddedEngine
-from megatron_opsd.rollout.engine import RecordedRolloutEngine, Rollout, SamplingParams
+from megatron_opsd.rollout.engine import Rollout, SamplingParams
+from megatron_opsd.rollout.recorded import RecordedRolloutEngine
 
 REPO = Path(__file__).resolve().parents[1]
 

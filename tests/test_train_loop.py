@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,22 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from megatron_opsd.algorithms.opsd import OPSD, OPSDConfig
+from megatron_opsd.algorithms.sft import SFT, SFTConfig
 from megatron_opsd.cli import main, parse
+from megatron_opsd.config import load_config
 from megatron_opsd.data.prompts import PromptBuilder, PromptConfig
 from megatron_opsd.data.sources import DataConfig, ProblemIterator, load_problems
+from megatron_opsd.fileio import write_manifest
+from megatron_opsd.opsd.loss import LossConfig
+from megatron_opsd.rollout.embedded import WeightSyncError
+from megatron_opsd.rollout.engine import ProbeMismatchError, Rollout, rollout_samples
+from megatron_opsd.rollout.recorded import RecordedRolloutEngine
+from megatron_opsd.rollout.sync import InProcessSync
 from megatron_opsd.tracking import read_metrics
+from megatron_opsd.train.components import build_components
+from megatron_opsd.train.config import TrainConfig
+from megatron_opsd.train.loop import train
 from tests.distributed import _free_port
 from tests.tiny_models import save_tiny_model
 
@@ -53,7 +66,8 @@ def write_config(tmp_path: Path, hf_dir: Path, **top) -> Path:
         "data": {"path": str(REPO / "data/arith/train.jsonl")},
         "prompts": {"max_student_prompt_tokens": 128, "max_teacher_prompt_tokens": 384},
         "packing": {"tokens_per_micro_batch": 256, "teacher_tokens_per_micro_batch": 512},
-        "rollout": {"max_new_tokens": 12, "stop_tokens": ["<|im_end|>"], "probe_tolerance": 1e-3, "probe_tokens": 48},
+        "rollout": {"max_new_tokens": 12, "stop_tokens": ["<|im_end|>"],
+                    "sync": {"probe_tolerance": 1e-3, "probe_tokens": 48}},
         "optim": {"lr": 1e-3, "clip_grad": 1.0},
         "checkpoint": {"dir": str(tmp_path / "run" / "ckpt"), "interval": 1, "keep_last": 2},
         "eval": {"data": {"path": str(REPO / "data/arith/test.jsonl"), "shuffle": False}, "limit": 2, "k": 1,
@@ -67,11 +81,15 @@ def write_config(tmp_path: Path, hf_dir: Path, **top) -> Path:
     return path
 
 
+def load_train(path: Path, *overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, path, list(overrides))
+
+
 def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
 
 
-def test_opsd_resume_reproduces_the_uninterrupted_run(tmp_path, hf_dir, monkeypatch):
+def test_opsd_resume_reproduces_the_uninterrupted_run(tmp_path, hf_dir):
     whole = write_config(tmp_path / "whole", hf_dir)
     assert main(["train", str(whole)]) == 0
     run = tmp_path / "whole" / "run"
@@ -84,21 +102,25 @@ def test_opsd_resume_reproduces_the_uninterrupted_run(tmp_path, hf_dir, monkeypa
     assert (run / "metrics.png").is_file() and json.loads((run / "summary.json").read_text())["steps"] == 3
     assert sorted(p.name for p in (run / "ckpt").glob("step_*")) == ["step_000002", "step_000003"]
 
-    from megatron_opsd.opsd.step import OPSDStep
+    class DiesInStep3:
+        """The real engine, interrupted when asked for step 3's rollouts."""
 
-    calls, real_call = [], OPSDStep.__call__
+        def __init__(self, engine):
+            self.engine, self.weight_version, self.calls = engine, engine.weight_version, 0
 
-    def dies_in_step_3(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("killed")
-        return real_call(self, *args, **kwargs)
+        def generate(self, prompts, params):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt("killed")
+            return self.engine.generate(prompts, params)
+
+    def build(cfg):
+        c = build_components(cfg)
+        return replace(c, engine=DiesInStep3(c.engine))
 
     interrupted = write_config(tmp_path / "interrupted", hf_dir)
-    monkeypatch.setattr(OPSDStep, "__call__", dies_in_step_3)
     with pytest.raises(KeyboardInterrupt):
-        main(["train", str(interrupted)])
-    monkeypatch.setattr(OPSDStep, "__call__", real_call)
+        train(load_train(interrupted), build)
     assert len(losses(tmp_path / "interrupted" / "run")) == 2
     assert main(["train", str(interrupted)]) == 0
     assert losses(tmp_path / "interrupted" / "run") == losses(run)
@@ -124,7 +146,7 @@ def _reference_sft_loss(hf_dir: Path, cfg_path: Path) -> float:
 
 
 def test_sft_cross_entropy_and_learning(tmp_path, hf_dir):
-    path = write_config(tmp_path, hf_dir, algorithm="sft", steps=4, optim={"lr": 3e-3, "clip_grad": 1.0},
+    path = write_config(tmp_path, hf_dir, algorithm={"name": "sft"}, steps=4, optim={"lr": 3e-3, "clip_grad": 1.0},
                         eval={"data": None})
     assert main(["train", str(path)]) == 0
     got = losses(tmp_path / "run")
@@ -132,32 +154,50 @@ def test_sft_cross_entropy_and_learning(tmp_path, hf_dir):
     assert got[-1] < got[0] - 0.3, got  # lr 3e-3 from a random model: about -0.7 in 3 updates
     record = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
     assert "top1_agreement" not in record and "mismatch/logprob_abs_diff_mean" not in record
+    assert not any("teacher" in key for key in record), sorted(record)  # no teacher pass, no teacher update
 
 
-def test_a_corrupted_weight_sync_stops_the_run(tmp_path, hf_dir, monkeypatch, capsys):
-    from megatron_opsd.train import loop
+class AlteredInTransit:
+    """The embedded engine, receiving weights that ``alter(name, tensor)`` changed on the way."""
 
-    real = loop.export_hf_tensors
+    def __init__(self, engine, alter):
+        self.engine, self.alter = engine, alter
 
-    def corrupted(chunks, dtype=None):
-        for name, tensor in real(chunks, dtype):
-            yield name, tensor + 0.05 if name == "model.layers.1.mlp.down_proj.weight" else tensor
+    def __getattr__(self, name):  # everything else is the engine's
+        return getattr(self.engine, name)
 
-    monkeypatch.setattr(loop, "export_hf_tensors", corrupted)
+    def update_weights(self, tensors, version):
+        self.engine.update_weights((self.alter(name, tensor) for name, tensor in tensors), version)
+
+
+def altered_sync(alter):
+    """``build_components`` with a weight sync whose weights are altered on the way into the engine."""
+
+    def build(cfg):
+        c = build_components(cfg)
+        probe = c.weight_sync.probe
+        return replace(c, weight_sync=InProcessSync(AlteredInTransit(c.engine, alter), c.chunks, probe))
+
+    return build
+
+
+def test_a_corrupted_weight_sync_stops_the_run(tmp_path, hf_dir):
     path = write_config(tmp_path, hf_dir)
-    assert main(["train", str(path)]) == 2  # a user error: one clear line, no traceback
-    err = capsys.readouterr().err
-    assert re.search(r"^opsd: error: after weight sync 0, .* > rollout.probe_tolerance=0.001: the weights did not "
-                     r"arrive intact .*$", err, re.MULTILINE), err
-    assert "Traceback" not in err
+    down = "model.layers.1.mlp.down_proj.weight"
+    with pytest.raises(ProbeMismatchError) as error:
+        train(load_train(path), altered_sync(lambda name, t: (name, t + 0.05 if name == down else t)))
+    assert re.fullmatch(r"after weight sync 0, .* > rollout.sync.probe_tolerance=0.001: the weights did not "
+                        r"arrive intact .*", str(error.value)), error.value
     assert not (tmp_path / "run" / "ckpt").exists()
-    assert loop.ProbeMismatchError in parse(["demo", str(path)]).user_errors  # the demo runs the same loop
+    # A user error of the commands that run the loop: one clear line, no traceback.
+    assert ProbeMismatchError in parse(["train", str(path)]).user_errors
+    assert ProbeMismatchError in parse(["demo", str(path)]).user_errors
 
 
 def test_eval_reads_a_training_checkpoint(tmp_path, hf_dir, capsys):
     """``opsd eval`` of a step directory (model weights only, via its hf/) gives the report of the
     run's HF export of the same weights; a damaged step is a one-line error naming what is missing."""
-    path = write_config(tmp_path, hf_dir, algorithm="sft", steps=1, export_hf=True, eval={"data": None})
+    path = write_config(tmp_path, hf_dir, algorithm={"name": "sft"}, steps=1, export_hf=True, eval={"data": None})
     assert main(["train", str(path)]) == 0
     run, step = tmp_path / "run", tmp_path / "run" / "ckpt" / "step_000001"
     assert (step / "hf" / "config.json").is_file() and (step / "hf" / "tokenizer.json").is_file()
@@ -176,9 +216,32 @@ def test_eval_reads_a_training_checkpoint(tmp_path, hf_dir, capsys):
     assert f"cannot load Megatron checkpoint {step}: {step} is damaged: hf/config.json is missing" in capsys.readouterr().err
 
 
+def test_a_checkpoint_of_the_older_layout_is_refused_by_name_and_its_weights_still_evaluate(tmp_path, hf_dir, capsys):
+    """Resuming from a checkpoint written before the checkpoint held named parts (format 1: model0 /
+    optimizer / teacher / rng tensors and a 'common' entry) is a one-line error naming the missing
+    entry; its model weights still load for evaluation."""
+    path = write_config(tmp_path, hf_dir, steps=1, eval={"data": None})
+    assert main(["train", str(path)]) == 0
+    step = tmp_path / "run" / "ckpt" / "step_000001"
+    common = torch.load(step / "common.pt", weights_only=False)
+    old = {"common": {"step": 1, "trainer": {"data": common["data"], "step": common["runner"]},
+                      "scheduler": common["scheduler"], "layout": common["checkpoint"]["layout"], "teacher_mode": "fixed"}}
+    torch.save(old, step / "common.pt")
+    (step / "manifest.json").unlink()
+    write_manifest(step)
+    assert main(["train", str(path), "steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"opsd: error: {step} was written by an older layout of megatron-opsd (format 1, this code reads 2): its " \
+           "common state has no 'checkpoint' entry of format 2 (it has ['common'])" in err and "Traceback" not in err
+    fast = ["--data", str(REPO / "data/arith/test.jsonl"), "--k", "1", "limit=2", "eval.max_new_tokens=4"]
+    assert main(["eval", str(step), *fast, "--out", str(tmp_path / "old.json")]) == 0
+
+
 def test_cli_unknown_key_is_an_error_with_a_suggestion(tmp_path, hf_dir, capsys):
-    assert main(["train", str(write_config(tmp_path, hf_dir)), "rollout.sync_intervall=2"]) == 2
-    assert "unknown key 'rollout.sync_intervall' (did you mean 'rollout.sync_interval'?)" in capsys.readouterr().err
+    assert main(["train", str(write_config(tmp_path, hf_dir)), "rollout.sync.intervall=2"]) == 2
+    assert "unknown key 'rollout.sync.intervall' (did you mean 'rollout.sync.interval'?)" in capsys.readouterr().err
+    assert main(["train", str(write_config(tmp_path, hf_dir)), "rollout.sync_interval=2"]) == 2  # the older layout's key
+    assert "config key 'rollout.sync_interval' moved to 'rollout.sync.interval'" in capsys.readouterr().err
 
 
 def test_cli_bad_data_row_reaches_the_user(tmp_path, hf_dir, capsys):
@@ -194,7 +257,8 @@ def test_cli_help_documents_every_key(capsys):
         main(["train", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for key in ("algorithm", "model.config", "rollout.sync_interval", "rollout.probe_tolerance", "loss.clip",
+    for key in ("algorithm.name", "algorithm.opsd.loss.clip", "algorithm.sft.teacher_prompt_fraction", "model.config",
+                "rollout.engine.kind", "rollout.engine.path", "rollout.sync.interval", "rollout.sync.probe_tolerance",
                 "eval.interval", "eval.data.path", "checkpoint.interval", "tracking.wandb", "optim.lr"):
         assert f"  {key} (" in out or f"  {key}:" in out, key
 
@@ -246,30 +310,71 @@ def test_data_preview_reads_a_training_config(tmp_path, hf_dir, capsys):
     assert "did you mean 'optim.lr'" in capsys.readouterr().err
 
 
-def test_a_weight_stream_the_engine_refuses_stops_the_run(tmp_path, hf_dir, monkeypatch):
-    from megatron_opsd.rollout.embedded import WeightSyncError
-    from megatron_opsd.train import loop
-
-    real = loop.export_hf_tensors
-    monkeypatch.setattr(loop, "export_hf_tensors", lambda chunks: (
-        (name.replace("mlp.down_proj", "mlp.down"), t) for name, t in real(chunks)))
+def test_a_weight_stream_the_engine_refuses_stops_the_run(tmp_path, hf_dir):
+    rename = altered_sync(lambda name, t: (name.replace("mlp.down_proj", "mlp.down"), t))
     with pytest.raises(WeightSyncError, match="model.layers.0.mlp.down.weight: unknown name"):
-        main(["train", str(write_config(tmp_path, hf_dir))])
+        train(load_train(write_config(tmp_path, hf_dir)), rename)
 
 
-def test_sft_pairs_render_the_requested_share_with_the_teacher_prompt():
-    from megatron_opsd.train.sft import sft_pairs
+class CountingSync:
+    """A weight sync that only counts the versions it is asked to push."""
 
+    def __init__(self):
+        self.versions = []
+
+    def push(self, version):
+        self.versions.append(version)
+        return {}
+
+
+def test_recorded_rollouts_and_a_counting_sync_replace_the_engine_and_the_sync(tmp_path, hf_dir):
+    """The engine comes from the factory (rollout.engine.kind=recorded); the sync is replaced as a
+    component: the loop pushes before step 1 and every rollout.sync.interval steps, and trains on
+    exactly the recorded rollouts."""
+    cfg = load_train(write_config(tmp_path, hf_dir, steps=5, eval={"data": None}, checkpoint={"dir": None}),
+                     "rollout.engine.kind=recorded", f"rollout.engine.path={tmp_path / 'rollouts.jsonl'}",
+                     "rollout.sync.kind=none", "rollout.sync.interval=2")
+    builder = PromptBuilder(AutoTokenizer.from_pretrained(cfg.tokenizer), cfg.prompts)
+    RecordedRolloutEngine({tuple(builder.student_ids(p)): [Rollout((5, 6, 7), (-1.0, -2.0, -3.0), "length")]
+                           for p in load_problems(cfg.data).problems}).save(tmp_path / "rollouts.jsonl")
+    sync = CountingSync()
+    train(cfg, lambda cfg: replace(build_components(cfg), weight_sync=sync))
+    assert sync.versions == [0, 2, 4]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert all(r["response_len_max"] == 3 and r["truncation_rate"] == 1 and r["response_tokens"] == 9 for r in records)
+    # The engine's log-probs travel with the samples: the mismatch is against the recorded -1, -2, -3.
+    assert all(r["mismatch/logprob_abs_diff_mean"] > 0.5 for r in records)
+    assert not any(key.startswith("probe/") for r in records for key in r)
+
+
+def test_sft_samples_render_the_requested_share_with_the_teacher_prompt():
     tokenizer = AutoTokenizer.from_pretrained(REPO / "data/tokenizer")
     builder = PromptBuilder(tokenizer, PromptConfig())
     items = list(load_problems(DataConfig(path=str(REPO / "data/arith/test.jsonl"))).problems[:4])
     end = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    pairs = sft_pairs(items, builder, end, teacher_prompt_fraction=0.5)
-    for i, (item, pair) in enumerate(zip(items, pairs)):
+    sft = SFT(SFTConfig(teacher_prompt_fraction=0.5), builder, end, vocab_size=1000)
+    samples = sft.samples(items, None)
+    for i, (item, sample) in enumerate(zip(items, samples)):
         prompt = builder.teacher_ids(item) if i < 2 else builder.student_ids(item)
-        assert pair.student_ids == pair.teacher_ids
-        assert list(pair.student_ids) == prompt + tokenizer.encode(item.solution, add_special_tokens=False) + end
-        assert pair.student_response_start == len(prompt)
+        assert sample.teacher_prompt_ids is None and sample.rollout_logprobs is None
+        assert list(sample.student_ids) == prompt + tokenizer.encode(item.solution, add_special_tokens=False) + end
+        assert list(sample.prompt_ids) == prompt and sample.group_id == i
+
+
+def test_opsd_samples_add_the_teacher_side_to_each_rollout():
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "data/tokenizer")
+    builder = PromptBuilder(tokenizer, PromptConfig())
+    items = list(load_problems(DataConfig(path=str(REPO / "data/arith/test.jsonl"))).problems[:2])
+    prompts = [builder.student_ids(p) for p in items]
+    rollouts = rollout_samples(prompts, [[Rollout((5, 6), (-0.5, -0.5), "stop", 3)], [Rollout((7,), (-1.0,), "stop", 3)]])
+    opsd = OPSD(OPSDConfig(loss=LossConfig(vocab_size=1000)), [torch.nn.Linear(2, 2)], builder, logprob_temperature=1.0)
+    samples = opsd.samples(items, rollouts)
+    for item, sample, (rollout,) in zip(items, samples, rollouts):
+        teacher = builder.teacher_ids(item)
+        assert sample.teacher_ids == tuple(teacher) + rollout.response_ids  # the response follows both prompts
+        assert sample.student_ids == rollout.student_ids and sample.rollout_logprobs == rollout.rollout_logprobs
+        assert "=== Reference Solution Begin ===" in tokenizer.decode(teacher) and sample.weight_version == 3
 
 
 def torchrun_train(config: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -1,5 +1,5 @@
-"""Single-process units of the trainer: rollout protocol + recorded engine, teacher weight sets,
-checkpoint integrity checks, config sections."""
+"""Single-process units of the trainer: rollout protocol + recorded engine, the per-sample contract,
+teacher weight sets, checkpoint integrity checks, config sections."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from megatron_opsd.data.sample import Sample, common_layout
+from megatron_opsd.fileio import MANIFEST, CheckpointError, verify_manifest
 from megatron_opsd.opsd.teacher import Teacher, TeacherConfig
-from megatron_opsd.rollout.engine import RecordedRolloutEngine, Rollout, RolloutEngine, SamplingParams
-from megatron_opsd.train.checkpoint import LATEST, MANIFEST, CheckpointError, resolve, verify
+from megatron_opsd.rollout.engine import Rollout, RolloutEngine, SamplingConfig, SamplingParams, rollout_samples
+from megatron_opsd.rollout.recorded import RecordedRolloutEngine
+from megatron_opsd.train.checkpoint import LATEST, resolve
 from megatron_opsd.train.optim import OptimConfig
 
 
@@ -26,9 +29,9 @@ def test_recorded_engine_is_a_rollout_engine_and_applies_limits():
     engine = _engine()
     assert isinstance(engine, RolloutEngine)
     (out,) = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3))
-    assert out == [Rollout((5, 6, 7), (-0.1, -0.2, -0.3), "length")]
+    assert out == [Rollout((5, 6, 7), (-0.1, -0.2, -0.3), "length", 0)]
     (out,) = engine.generate([[1, 2, 3]], SamplingParams(stop_token_ids=(7,), n=2))
-    assert out == [Rollout((5, 6, 7), (-0.1, -0.2, -0.3), "stop"), Rollout((4, 4), (-1.0, -1.0), "stop")]
+    assert out == [Rollout((5, 6, 7), (-0.1, -0.2, -0.3), "stop", 0), Rollout((4, 4), (-1.0, -1.0), "stop", 0)]
 
 
 def test_recorded_engine_errors_name_the_problem():
@@ -40,16 +43,56 @@ def test_recorded_engine_errors_name_the_problem():
         Rollout((1, 2), (-1.0,), "stop")
 
 
-def test_recorded_engine_weights_health_and_file_round_trip(tmp_path):
+def test_recorded_engine_versions_health_and_file_round_trip(tmp_path):
     engine = _engine()
-    engine.update_weights(iter([("model.embed_tokens.weight", torch.zeros(2, 2)), ("lm_head.weight", torch.ones(2))]), version=3)
-    health = engine.health()
-    assert health.ok and health.weight_version == 3 and engine.tensors_received == 2
+    engine.weight_version = 3
+    assert engine.health().ok and engine.generate([[1, 2, 3]], SamplingParams())[0][0].weight_version == 3
+    with pytest.raises(NotImplementedError, match="no model to score"):
+        engine.logprobs([[1, 2, 3]])
     engine.save(tmp_path / "r.jsonl")
     assert RecordedRolloutEngine.load(tmp_path / "r.jsonl").records == engine.records
     (tmp_path / "bad.jsonl").write_text('{"prompt": [1]}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         RecordedRolloutEngine.load(tmp_path / "bad.jsonl")
+
+
+def test_sampling_has_one_schema_with_one_top_k_convention():
+    assert SamplingParams(top_k=-1).top_k == -1 and SamplingConfig(top_k=5).top_k == 5
+    for bad in ({"top_k": 0}, {"top_k": -2}, {"temperature": -1.0}, {"top_p": 0.0}, {"max_new_tokens": 0}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+        with pytest.raises(ValidationError):
+            SamplingConfig(**bad)
+    with pytest.raises(ValueError, match="n must be at least 1"):
+        SamplingParams(n=0)
+
+
+# ------------------------------------------------------------------ samples
+def test_rollouts_become_samples_with_their_log_probs_version_and_group():
+    rollouts = [[Rollout((5, 6), (-0.5, -0.25), "stop", 4), Rollout((7,), (-1.0,), "length", 4)], [Rollout((8,), (-2.0,), "stop", 4)]]
+    groups = rollout_samples([[1, 2], [3]], rollouts)
+    assert [[(s.prompt_ids, s.response_ids, s.group_id) for s in g] for g in groups] == [
+        [((1, 2), (5, 6), 0), ((1, 2), (7,), 0)], [((3,), (8,), 1)]]
+    first = groups[0][0]
+    assert first.rollout_logprobs == (-0.5, -0.25) and first.weight_version == 4 and first.teacher_ids is None
+    assert first.per_token == {"rollout_logprobs": (-0.5, -0.25)} and first.student_ids == (1, 2, 5, 6)
+
+
+def test_sample_contract_errors_name_the_problem():
+    with pytest.raises(ValueError, match="non-empty prompt and a non-empty response"):
+        Sample((1,), ())
+    with pytest.raises(ValueError, match="rollout_logprobs: 1 values for 2 response tokens"):
+        Sample((1,), (2, 3), rollout_logprobs=(-1.0,))
+    with pytest.raises(ValueError, match="advantage: 3 values for 2 response tokens"):
+        Sample((1,), (2, 3), token_extras={"advantage": (1.0, 1.0, 1.0)})
+    with pytest.raises(ValueError, match="reserved"):
+        Sample((1,), (2,), token_extras={"rollout_logprobs": (0.0,)})
+    two = Sample((1,), (2,), teacher_prompt_ids=(9, 9))
+    assert two.teacher_ids == (9, 9, 2) and common_layout([two, two]).two_sided
+    with pytest.raises(ValueError, match="sample 1 lacks a teacher side"):
+        common_layout([two, Sample((1,), (2,))])
+    with pytest.raises(ValueError, match=r"sample 1 carries per-token values \['a'\], sample 0 \[\]"):
+        common_layout([Sample((1,), (2,)), Sample((1,), (2,), token_extras={"a": (0.0,)})])
 
 
 # ------------------------------------------------------------------ teacher
@@ -112,7 +155,7 @@ def _complete(root, name="step_000003"):
 def test_resolve_follows_latest_and_verify_accepts_complete(tmp_path):
     ckpt = _complete(tmp_path)
     assert resolve(tmp_path) == ckpt
-    verify(ckpt)
+    verify_manifest(ckpt)
     assert resolve(tmp_path / "empty") is None
 
 
@@ -120,13 +163,13 @@ def test_damaged_or_partial_checkpoints_are_clear_errors(tmp_path):
     ckpt = _complete(tmp_path)
     (ckpt / "__0_0.distcp").write_bytes(b"x" * 4)
     with pytest.raises(CheckpointError, match="damaged: __0_0.distcp has 4 bytes, expected 10"):
-        verify(ckpt)
+        verify_manifest(ckpt)
     (ckpt / "__0_0.distcp").unlink()
     with pytest.raises(CheckpointError, match="damaged: __0_0.distcp is missing"):
-        verify(ckpt)
+        verify_manifest(ckpt)
     (ckpt / MANIFEST).unlink()
     with pytest.raises(CheckpointError, match="incomplete: no manifest.json"):
-        verify(ckpt)
+        verify_manifest(ckpt)
     (tmp_path / LATEST).write_text("step_000009")
     with pytest.raises(CheckpointError, match="names step_000009, which does not exist"):
         resolve(tmp_path)

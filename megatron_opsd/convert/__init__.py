@@ -40,8 +40,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(script: str, args: argparse.Namespace) -> int:
+    from megatron_opsd.fileio import CheckpointError
     from megatron_opsd.models import UnsupportedConfigError
-    from megatron_opsd.models.hf_io import CheckpointError
 
     tool = importlib.import_module(f"{__name__}.{script}")
     try:

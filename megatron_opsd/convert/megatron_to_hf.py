@@ -19,8 +19,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_opsd.models import build_model, checkpoint, checkpoint_dtype, load_hf_config
-from megatron_opsd.models.bridge import export_hf_tensors
-from megatron_opsd.models.hf_io import atomic_output_dir, copy_non_weight_files, write_hf_shards
+from megatron_opsd.models.bridge import write_hf_model
+from megatron_opsd.models.hf_io import copy_non_weight_files
 from megatron_opsd.parallel import Layout, initialize
 
 
@@ -42,14 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     dtype = checkpoint_dtype(config)
     chunks = build_model(config, dtype, perform_initialization=False)  # every weight is loaded next
     checkpoint.load(chunks, args.megatron_dir)
-    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
-        tensors = export_hf_tensors(chunks, dtype)
-        if dist.get_rank() == 0:
-            write_hf_shards(tensors, tmp, max_shard_bytes=int(args.max_shard_gb * 2**30))
-            copy_non_weight_files(hf_files, tmp)
-        else:
-            for _ in tensors:  # collective: every rank takes part in the gathers
-                pass
+    write_hf_model(chunks, args.out, lambda out: copy_non_weight_files(hf_files, out), dtype=dtype,
+                   max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
     if dist.get_rank() == 0:
         print(f"wrote {args.out} in {time.perf_counter() - start:.1f}s")
     dist.destroy_process_group()

@@ -1,7 +1,8 @@
-"""Data for OPSD: rows with privileged solutions -> prompts -> sequence pairs -> packed micro-batches.
+"""Data: rows with privileged solutions -> prompts -> samples -> packed micro-batches.
 
 - ``sources``: read and validate rows (hub or local), field mapping, resumable shuffled iterator.
-- ``prompts``: student / teacher / eval prompts via the chat template; sequence pairs; length policy.
-- ``packing``: pair-aware packing into micro-batches (THD metadata, block-diagonal masks).
-- ``preview``: the ``opsd data preview`` command.
+- ``prompts``: student / teacher / eval prompts via the chat template; length policy.
+- ``sample``: the per-sample contract between rollouts and the training step.
+- ``packing``: one- or two-sided packing into micro-batches (block-diagonal masks, per-token values).
+- ``batching``: the data-parallel split of a step's samples and each rank's micro-batches.
 """

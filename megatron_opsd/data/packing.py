@@ -1,39 +1,39 @@
-"""Pack student/teacher sequence pairs into micro-batches under a token budget.
+"""Pack samples into micro-batches under a token budget, one side or two.
 
-Pairing: the loss compares, for every response token, the student's and the teacher's outputs at
-the positions that predict it, so teacher micro-batch ``j`` and student micro-batch ``j`` must hold
-exactly the same samples in the same order. Packing the two sides separately cannot promise that
-(teacher sequences are longer by the solution, so first-fit would group them differently);
-instead each pair is one item with two sizes, placed by a two-dimensional first-fit-decreasing:
-it goes into a micro-batch only if it fits BOTH the student budget and the teacher budget. The
-response-predicting positions of both sides are then listed in the same sample order, so row
-``r`` of the teacher hidden states and row ``r`` of the student hidden states predict the same
-token (``MicroBatch.student.targets == MicroBatch.teacher.targets``).
+A sample is the student sequence (prompt + response) and, with a teacher side, the teacher
+sequence (teacher prompt + the same response). The loss compares, for every response token, the
+student's and the teacher's outputs at the positions that predict it, so teacher micro-batch ``j``
+and student micro-batch ``j`` must hold exactly the same samples in the same order. Packing the
+two sides separately cannot promise that (teacher sequences are longer by the solution, so
+first-fit would group them differently); instead each sample is one item with two sizes, placed
+by a two-dimensional first-fit-decreasing: it goes into a micro-batch only if it fits BOTH the
+student budget and the teacher budget. The response-predicting positions of both sides are then
+listed in the same sample order, so row ``r`` of the teacher hidden states and row ``r`` of the
+student hidden states predict the same token (``MicroBatch.student.targets ==
+MicroBatch.teacher.targets``). Without a teacher side only the student budget applies.
 
-Each side of a micro-batch is one packed row: THD metadata (``cu_seqlens``, ``max_seqlen``) for
-Transformer Engine on GPU, and for the CPU / local-attention path a block-diagonal causal mask with
-position ids restarting at 0 per segment (RoPE then gives every segment the attention it would
-have alone). The row is padded at the end to a multiple of ``pad_multiple`` (TP with sequence
-parallelism, x CP); the padding is its own segment so it never mixes with real tokens.
+Each side of a micro-batch is one packed row with a block-diagonal causal mask and position ids
+restarting at 0 per segment (RoPE then gives every segment the attention it would have alone);
+``cu_seqlens`` marks the segments. (Transformer Engine's THD format would take the same segments;
+the model's forward does not take it yet, so the dense mask is what runs, on every platform.) The
+row is padded at the end to a multiple of ``pad_multiple`` (TP with sequence parallelism); the
+padding is its own segment so it never mixes with real tokens.
 
-Data parallelism: split one step's pairs across DP ranks first (``split_for_data_parallel``
-balances tokens), then pack each rank's share. Megatron's schedules need the same number of
-micro-batches on every DP rank: pack, all-reduce the maximum count, and pack again with
-``num_micro_batches`` set to it; every rank then gets exactly that many (fuller micro-batches are
-split, a rank short of samples gets padding-only ones). The loss's global token mean divides by
-the response-token count all-reduced over DP ranks.
+Per-token values (:attr:`Sample.per_token`: the rollout's log-probs, advantages, ...) are
+concatenated in the same order as the targets, so the loss reads them row by row.
+Data parallelism is ``data/batching.py``.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from megatron_opsd.data.prompts import SequencePair
+from megatron_opsd.data.sample import Sample, SampleLayout, common_layout
 from megatron_opsd.section import Section
 
 
@@ -56,23 +56,28 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def assign_micro_batches(
-    student_lengths: Sequence[int], teacher_lengths: Sequence[int], student_budget: int, teacher_budget: int,
+    student_lengths: Sequence[int], teacher_lengths: Sequence[int] | None, student_budget: int, teacher_budget: int,
     num_micro_batches: int | None = None,
 ) -> list[list[int]]:
-    """Sample indices per micro-batch; every sample fits both budgets in its micro-batch.
+    """Sample indices per micro-batch; every sample fits both budgets in its micro-batch
+    (``teacher_lengths=None``: no teacher side, only the student budget applies).
 
     First-fit-decreasing on each sample's larger budget fraction gives the fewest micro-batches, m.
     With ``num_micro_batches=k > m`` the fullest micro-batches are split in two (a subset of a
     micro-batch that fits still fits) and then padding-only ones are added, so the result has
     exactly ``max(k, m)`` micro-batches. Micro-batches list samples in index order.
     """
+    one_sided = teacher_lengths is None
+    if one_sided:  # a zero-length teacher side never binds
+        teacher_lengths = [0] * len(student_lengths)
     if len(student_lengths) != len(teacher_lengths):
         raise PackingError("student and teacher length lists differ in size")
     for i, (s, t) in enumerate(zip(student_lengths, teacher_lengths)):
         if s > student_budget or t > teacher_budget:
-            raise PackingError(
-                f"sample {i} ({s} student / {t} teacher tokens) exceeds the micro-batch budget "
-                f"({student_budget} / {teacher_budget}); raise packing.tokens_per_micro_batch")
+            sizes, budgets = (f"{s}", f"{student_budget}") if one_sided else \
+                (f"{s} student / {t} teacher", f"{student_budget} / {teacher_budget}")
+            raise PackingError(f"sample {i} ({sizes} tokens) exceeds the micro-batch budget ({budgets}); raise "
+                               f"packing.tokens_per_micro_batch" + ("" if one_sided else " (or its teacher_ twin)"))
 
     def size(i: int) -> float:
         return max(student_lengths[i] / student_budget, teacher_lengths[i] / teacher_budget)
@@ -106,21 +111,6 @@ def assign_micro_batches(
     return [sorted(b) for b in bins]
 
 
-def split_for_data_parallel(costs: Sequence[int], dp_size: int) -> list[list[int]]:
-    """Sample indices per DP rank, largest first onto the least-loaded rank (deterministic).
-
-    Every rank computes the same split from the same global batch; ``costs`` is typically
-    ``len(student_ids) + len(teacher_ids)`` per pair.
-    """
-    ranks: list[list[int]] = [[] for _ in range(dp_size)]
-    loads = [0] * dp_size
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        r = min(range(dp_size), key=lambda r: (loads[r], r))
-        ranks[r].append(i)
-        loads[r] += costs[i]
-    return [sorted(r) for r in ranks]
-
-
 @dataclass(frozen=True)
 class PackedSequences:
     """One side (student or teacher) of a micro-batch: segments back to back in one row of length T."""
@@ -128,7 +118,6 @@ class PackedSequences:
     tokens: torch.Tensor             # [T] int64, padding = pad_id
     position_ids: torch.Tensor       # [T] int64, 0.. within each segment
     cu_seqlens: torch.Tensor         # [segments + 1] int32; the tail padding is the last segment
-    max_seqlen: int
     num_tokens: int                  # real (non-pad) tokens
     predict_positions: torch.Tensor  # [R] int64: the output at this index predicts targets[r]
     targets: torch.Tensor            # [R] int64 response token ids, samples in MicroBatch order
@@ -150,31 +139,27 @@ class PackedSequences:
         allowed = (segment[:, None] == segment[None, :]) & (idx[None, :] <= idx[:, None])
         return (~allowed)[None, None]
 
-    def packed_seq_params(self):
-        """THD metadata for Transformer Engine attention (GPU path)."""
-        from megatron.core.packed_seq_params import PackedSeqParams
-
-        cu = self.cu_seqlens
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                               max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
-
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """Samples ``sample_ids`` (indices into the packed list) on both sides, in the same order.
+    """Samples ``sample_ids`` (indices into the packed list) on each side, in the same order.
 
-    Sample ``sample_ids[k]`` owns rows ``response_offsets[k]:response_offsets[k+1]`` of both sides'
-    ``predict_positions`` / ``targets``.
+    Sample ``sample_ids[k]`` owns rows ``response_offsets[k]:response_offsets[k+1]`` of each side's
+    ``predict_positions`` / ``targets`` and of every ``per_token`` tensor ([R] fp32).
     """
 
     sample_ids: tuple[int, ...]
     response_offsets: torch.Tensor  # [len(sample_ids) + 1] int64
     student: PackedSequences
-    teacher: PackedSequences
+    teacher: PackedSequences | None = None
+    per_token: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not torch.equal(self.student.targets, self.teacher.targets):
+        if self.teacher is not None and not torch.equal(self.student.targets, self.teacher.targets):
             raise AssertionError("student and teacher response targets differ")
+        for name, values in self.per_token.items():
+            if values.shape != self.student.targets.shape:
+                raise AssertionError(f"per-token {name}: shape {list(values.shape)} for {self.num_response_tokens} targets")
 
     @property
     def num_response_tokens(self) -> int:
@@ -197,29 +182,37 @@ def _pack_side(seqs: list[tuple[int, ...]], starts: list[int], pad_multiple: int
                              or [np.zeros(0, dtype=np.int64)])
     return PackedSequences(
         tokens=torch.from_numpy(tokens), position_ids=torch.from_numpy(position_ids),
-        cu_seqlens=torch.from_numpy(cu.astype(np.int32)), max_seqlen=max(segments), num_tokens=used,
+        cu_seqlens=torch.from_numpy(cu.astype(np.int32)), num_tokens=used,
         predict_positions=torch.from_numpy(predict), targets=torch.from_numpy(tokens[predict + 1]))
 
 
-def pack_pairs(
-    pairs: Sequence[SequencePair], cfg: PackingConfig, pad_multiple: int = 1, pad_id: int = 0,
-    num_micro_batches: int | None = None,
+def pack_samples(
+    samples: Sequence[Sample], cfg: PackingConfig, pad_multiple: int = 1, pad_id: int = 0,
+    num_micro_batches: int | None = None, layout: SampleLayout | None = None,
 ) -> list[MicroBatch]:
-    """Micro-batches for one rank's pairs (see the module docstring for the guarantees)."""
+    """Micro-batches for one rank's samples (see the module docstring for the guarantees).
+
+    All samples share one layout (teacher side or not, the same per-token names); pass the step's
+    ``layout`` when this rank may have no samples, so its padding-only micro-batches still have it.
+    """
+    if layout is None:
+        layout = common_layout(samples)
+    elif samples and common_layout(samples) != layout:
+        raise PackingError(f"samples of layout {common_layout(samples)} packed as {layout}")
     student_budget, teacher_budget = cfg.budgets(pad_multiple)
-    groups = assign_micro_batches([len(p.student_ids) for p in pairs], [len(p.teacher_ids) for p in pairs],
+    groups = assign_micro_batches([len(s.student_ids) for s in samples],
+                                  [len(s.teacher_ids) for s in samples] if layout.two_sided else None,
                                   student_budget, teacher_budget, num_micro_batches)
     batches = []
     for group in groups:
-        chosen = [pairs[i] for i in group]
-        offsets = [0]
-        for p in chosen:
-            offsets.append(offsets[-1] + p.response_length)
+        chosen = [samples[i] for i in group]
+        offsets = np.cumsum([0] + [len(s.response_ids) for s in chosen])
+        teacher = _pack_side([s.teacher_ids for s in chosen], [len(s.teacher_prompt_ids) for s in chosen],
+                             pad_multiple, pad_id) if layout.two_sided else None
+        values = {name: torch.tensor([v for s in chosen for v in s.per_token[name]], dtype=torch.float32)
+                  for name in layout.per_token}
         batches.append(MicroBatch(
-            sample_ids=tuple(group), response_offsets=torch.tensor(offsets, dtype=torch.long),
-            student=_pack_side([p.student_ids for p in chosen], [p.student_response_start for p in chosen],
-                               pad_multiple, pad_id),
-            teacher=_pack_side([p.teacher_ids for p in chosen], [p.teacher_response_start for p in chosen],
-                               pad_multiple, pad_id),
-        ))
+            sample_ids=tuple(group), response_offsets=torch.from_numpy(offsets),
+            student=_pack_side([s.student_ids for s in chosen], [len(s.prompt_ids) for s in chosen], pad_multiple, pad_id),
+            teacher=teacher, per_token=values))
     return batches

@@ -1,5 +1,4 @@
-"""Student, teacher and eval prompts, rendered by the tokenizer's own chat template, and the
-student/teacher sequence pairs built from a rollout.
+"""Student, teacher and eval prompts, rendered by the tokenizer's own chat template.
 
 The student sees the problem only (thinking off by default: its prompt ends with the empty think
 block); the teacher sees the problem and the privileged reference solution (thinking on). Templates
@@ -7,15 +6,14 @@ are ``str.format`` strings with the named fields ``{problem}`` and ``{solution}`
 doubled: ``\\boxed{{}}``). A teacher template without ``{solution}`` or a student / eval template
 with it is an error: either would silently remove OPSD's signal.
 
-The rollout's response token ids are appended as ids (never re-tokenized text) after both prompts,
-so the two response runs are identical by construction; ``SequencePair`` checks it anyway.
+A rollout's response token ids follow both prompts as ids, never re-tokenized text
+(``data/sample.py``), so the two response runs are identical by construction.
 """
 from __future__ import annotations
 
 import logging
 import string
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,7 +34,7 @@ class Templates:
     eval: str
 
 
-# The paper's v3 templates, word for word (notes/paper.md; the em dash and the blank lines count).
+# The paper's v3 templates (arXiv 2601.18734v3), word for word: the em dash and the blank lines count.
 V3 = Templates(
     student="Problem: {problem}\n\n" + _INSTRUCTION,
     teacher=(
@@ -137,39 +135,6 @@ class PromptLengthError(PromptError):
     """A prompt over its token limit that the length policy may not shorten."""
 
 
-class ResponseMismatchError(AssertionError):
-    """Teacher and student response runs differ: the per-token divergence would compare unrelated tokens."""
-
-
-@dataclass(frozen=True)
-class SequencePair:
-    """One sample: ``student_ids = student prompt + response``, ``teacher_ids = teacher prompt + response``.
-
-    The response occupies ``[*_response_start, *_response_start + response_length)`` in each; the
-    token at position ``p`` is predicted by the output at ``p - 1``.
-    """
-
-    student_ids: tuple[int, ...]
-    teacher_ids: tuple[int, ...]
-    student_response_start: int
-    teacher_response_start: int
-
-    def __post_init__(self) -> None:
-        n = self.response_length
-        if n <= 0 or self.student_response_start <= 0 or self.teacher_response_start <= 0:
-            raise ValueError("a sequence pair needs a non-empty prompt and a non-empty response on both sides")
-        if self.student_ids[self.student_response_start:] != self.teacher_ids[self.teacher_response_start:]:
-            raise ResponseMismatchError("student and teacher response token ids differ")
-
-    @property
-    def response_length(self) -> int:
-        return len(self.student_ids) - self.student_response_start
-
-    @property
-    def response_ids(self) -> tuple[int, ...]:
-        return self.student_ids[self.student_response_start:]
-
-
 class PromptBuilder:
     """Renders and tokenizes prompts for any HF tokenizer with a chat template; applies the length policy.
 
@@ -246,11 +211,3 @@ class PromptBuilder:
                 "row %d: reference solution trimmed to %d of %d tokens to fit prompts.max_teacher_prompt_tokens=%d "
                 "(counted in stats['teacher_solution_trimmed'])", item.index, lo - 1, len(solution_ids), limit)
         return best
-
-    def pair(self, item: Problem, response_ids: Sequence[int],
-             student_prompt_ids: Sequence[int] | None = None) -> SequencePair:
-        """The sequence pair for one rollout; pass the prompt ids the rollout used if at hand."""
-        student = list(student_prompt_ids) if student_prompt_ids is not None else self.student_ids(item)
-        teacher = self.teacher_ids(item)
-        response = [int(t) for t in response_ids]
-        return SequencePair(tuple(student + response), tuple(teacher + response), len(student), len(teacher))

@@ -77,17 +77,14 @@ def _engine_from_megatron(path: Path, cfg: EmbeddedEngineConfig) -> tuple[Embedd
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
+    from megatron_opsd.fileio import CheckpointError
     from megatron_opsd.models import UnsupportedConfigError, build_model, checkpoint, checkpoint_dtype, load_hf_config
-    from megatron_opsd.models.bridge import export_hf_tensors
-    from megatron_opsd.models.hf_io import CheckpointError
+    from megatron_opsd.models.bridge import model_hf_tensors
     from megatron_opsd.parallel import Layout, initialize
-    from megatron_opsd.train import checkpoint as training
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ModelError("opsd eval runs as a single process; start it without torchrun")
     try:
-        if (path / training.MANIFEST).is_file():  # a training checkpoint: complete and undamaged?
-            training.verify(path)
         hf_dir = checkpoint.hf_config_dir(path)
         config = load_hf_config(hf_dir)
         initialize(Layout())
@@ -95,11 +92,11 @@ def _engine_from_megatron(path: Path, cfg: EmbeddedEngineConfig) -> tuple[Embedd
             chunks = build_model(config, checkpoint_dtype(config))
             checkpoint.load(chunks, path)
             engine = EmbeddedEngine.from_hf_config(config, cfg)
-            engine.update_weights(export_hf_tensors(chunks), version=0)
+            engine.update_weights(model_hf_tensors(chunks), version=0)
         finally:
             parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
-    except (OSError, CheckpointError, training.CheckpointError, CheckpointingException, UnsupportedConfigError) as exc:
+    except (OSError, CheckpointError, CheckpointingException, UnsupportedConfigError) as exc:
         raise ModelError(f"cannot load Megatron checkpoint {path}: {exc}") from exc
     return engine, hf_dir
 

@@ -20,26 +20,31 @@ from typing import Any
 
 import numpy as np
 from pydantic import Field, model_validator
+from pydantic.fields import FieldInfo
 from tqdm import tqdm
 
 from megatron_opsd.data.prompts import PromptBuilder
 from megatron_opsd.data.sources import Problem
 from megatron_opsd.eval.grader import answers_match, extract_boxed, grade
 from megatron_opsd.fileio import atomic_write_text
-from megatron_opsd.rollout.engine import RolloutEngine, SamplingParams
-from megatron_opsd.section import Section
+from megatron_opsd.rollout.engine import RolloutEngine, SamplingConfig
 
 
-class EvalConfig(Section):
+def _eval_default(name: str, value: Any) -> Any:
+    """A sampling field of the evaluation protocol: the schema's own, with another default."""
+    return FieldInfo.merge_field_infos(SamplingConfig.model_fields[name], default=value)
+
+
+class EvalConfig(SamplingConfig):
+    """Sampling (the paper's evaluation protocol as defaults) and metrics of an evaluation."""
+
+    temperature: float = _eval_default("temperature", 1.0)
+    top_k: int = _eval_default("top_k", -1)
+    max_new_tokens: int = _eval_default("max_new_tokens", 38912)
     k: int = Field(default=12, ge=1, description="samples per problem (Avg@k, maj@k)")
-    temperature: float = Field(default=1.0, ge=0, description="sampling temperature; 0: greedy")
-    top_p: float = Field(default=0.95, gt=0, le=1, description="nucleus sampling: keep the smallest token set with this total probability")
-    top_k: int = Field(default=-1, description="-1: no top-k truncation")
-    max_new_tokens: int = Field(default=38912, ge=1, description="response length limit (tokens); a response that reaches it counts as truncated")
     pass_at: list[int] | None = Field(
         default=None, description="k' values for pass@k'; default: powers of two below k, and k")
     batch_size: int = Field(default=32, ge=1, description="problems per generate call")
-    stop_tokens: list[str] | None = Field(default=None, description="stop tokens; default: the tokenizer's EOS")
     seed: int = Field(default=0, description="sampling seed (each batch of problems derives its own from it)")
     save_responses: bool = Field(default=True, description="keep every decoded response in the report")
 
@@ -114,18 +119,6 @@ def reference_of(problem: Problem) -> str:
     return boxed
 
 
-def stop_token_ids(tokenizer: Any, tokens: list[str] | None) -> tuple[int, ...]:
-    """Token ids of ``tokens`` (default: the tokenizer's EOS); an unknown token is an error."""
-    tokens = tokens if tokens is not None else [tokenizer.eos_token]
-    ids = []
-    for token in tokens:
-        token_id = tokenizer.convert_tokens_to_ids(token) if token is not None else None
-        if token_id is None or token_id == tokenizer.unk_token_id:
-            raise ValueError(f"stop token {token!r} is not in the tokenizer's vocabulary")
-        ids.append(token_id)
-    return tuple(ids)
-
-
 def _batch_seed(seed: int, batch: int) -> int:
     return int(np.random.SeedSequence((seed, batch)).generate_state(1)[0])
 
@@ -149,13 +142,11 @@ def evaluate(
         raise ValueError("nothing to evaluate: no problems")
     references = [reference_of(p) for p in problems]
     tokenizer = prompt_builder.tokenizer
-    params = {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k, "max_new_tokens": cfg.max_new_tokens,
-              "stop_token_ids": stop_token_ids(tokenizer, cfg.stop_tokens), "n": cfg.k}
     rows: list[dict[str, Any]] = []
     starts = range(0, len(problems), cfg.batch_size)
     for b, start in enumerate(tqdm(starts, desc="eval", unit="batch", disable=not progress)):
         chunk = problems[start:start + cfg.batch_size]
-        sampling = SamplingParams(**params, seed=_batch_seed(cfg.seed, b))
+        sampling = cfg.params(tokenizer, n=cfg.k, seed=_batch_seed(cfg.seed, b))
         rollouts = engine.generate([prompt_builder.eval_ids(p) for p in chunk], sampling)
         if len(rollouts) != len(chunk) or any(len(s) != cfg.k for s in rollouts):
             raise RuntimeError(f"engine returned {[len(s) for s in rollouts]} rollouts for {len(chunk)} prompts, "
@@ -189,7 +180,7 @@ def evaluate(
         "no_answer_rate": sum(a is None for r in rows for a in r["answers"]) / samples,
         "truncated_rate": sum(f == "length" for r in rows for f in r["finish_reasons"]) / samples,
         "mean_response_tokens": sum(sum(r["response_tokens"]) for r in rows) / samples,
-        "weight_version": engine.health().weight_version,
+        "weight_version": engine.weight_version,
         "config": cfg.model_dump(),
         "problems": rows,
     }

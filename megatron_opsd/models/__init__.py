@@ -5,7 +5,7 @@ Build (after ``megatron_opsd.parallel.initialize(Layout(tp, pp))``)::
     chunks = build_model(hf_dir_or_config, dtype=torch.float32)    # this rank's stage(s)
     load_hf_weights(chunks, hf_dir)                                   # any TP/PP layout
 
-Forward (``OPSDGPTModel.forward``)::
+Forward (``LlamaFamilyModel.forward``)::
 
     mask = attention_mask(segment_ids)                    # bool [B,1,S,S], True = masked
     out = chunk(input_ids, position_ids, mask, output="logits" | "hidden")
@@ -23,18 +23,22 @@ Forward (``OPSDGPTModel.forward``)::
   are padding and must be masked out of any softmax.
 
 Weights: :mod:`megatron_opsd.models.bridge` streams HF tensors in and out
-(``load_hf_weights``, ``export_hf_tensors``); :mod:`megatron_opsd.models.checkpoint` saves and
-loads Megatron dist checkpoints that reshard across layouts.
+(``load_hf_weights``; ``stage_hf_tensors`` per pipeline stage, ``model_hf_tensors`` the whole
+model); :mod:`megatron_opsd.models.checkpoint` saves and loads Megatron dist checkpoints that
+reshard across layouts. :class:`ModelConfig` is the ``model`` section of a training config.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from megatron.core import parallel_state as ps
+from pydantic import Field, model_validator
 from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from megatron_opsd.models.architectures import (
     Architecture,
@@ -43,7 +47,40 @@ from megatron_opsd.models.architectures import (
     parse_hf_config,
     transformer_config,
 )
-from megatron_opsd.models.gpt import OPSDGPTModel, attention_mask
+from megatron_opsd.models.gpt import LlamaFamilyModel, attention_mask
+from megatron_opsd.section import Section
+
+
+class ModelConfig(Section):
+    hf: str | None = Field(default=None, description="Hugging Face directory: config.json + safetensors weights")
+    config: dict[str, Any] | None = Field(
+        default=None, description="inline HF config (model_type plus its fields) of a randomly initialized model")
+    dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="training parameter dtype")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.hf is None) == (self.config is None):
+            raise ValueError("set exactly one of model.hf (a checkpoint directory) and model.config (an inline HF config)")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("model.config needs model_type (e.g. qwen3)")
+        return self
+
+    def vocab_size(self) -> int | None:
+        """From the inline config or the directory's config.json; None when neither says."""
+        if self.config is not None:
+            return self.config.get("vocab_size")
+        path = Path(self.hf) / "config.json"
+        return json.loads(path.read_text()).get("vocab_size") if path.is_file() else None
+
+    def hf_config(self) -> PretrainedConfig:
+        """The directory's HF config, or the inline one (``architectures`` defaults to the model
+        type's causal-LM class, e.g. Qwen3ForCausalLM)."""
+        if self.hf is not None:
+            return load_hf_config(self.hf)
+        fields = dict(self.config)
+        model_type = fields.pop("model_type")
+        fields.setdefault("architectures", [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]])
+        return AutoConfig.for_model(model_type, **fields)
 
 
 def load_hf_config(hf_config_or_dir: PretrainedConfig | str | Path) -> PretrainedConfig:
@@ -68,13 +105,13 @@ def build_model(
     vocab_divisor: int = 128,
     use_te: bool | None = None,
     **config_overrides: Any,
-) -> list[OPSDGPTModel]:
+) -> list[LlamaFamilyModel]:
     """This rank's model chunks for the current Megatron parallel state (one chunk per rank).
 
     Parameters are randomly initialized; load weights with ``bridge.load_hf_weights`` or
     ``checkpoint.load``. ``config_overrides`` go to ``TransformerConfig`` (e.g. recompute); pass
     ``perform_initialization=False`` when every weight is loaded right after (the random init
-    took 5 s of a 1 GB model's 6 s conversion on CPU, measured).
+    dominates a conversion's time on CPU: bench/RESULTS.md, "conversion").
     """
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -82,10 +119,10 @@ def build_model(
     if arch.num_layers % pp:
         raise ValueError(f"pipeline size {pp} must divide num_hidden_layers={arch.num_layers}")
     if ps.get_context_parallel_world_size() > 1:
-        raise NotImplementedError("OPSDGPTModel.forward does not split sequences for context parallelism")
+        raise NotImplementedError("LlamaFamilyModel.forward does not split sequences for context parallelism")
     on_cuda = torch.cuda.is_available()
     config = transformer_config(arch, tp=tp, pp=pp, dtype=dtype, use_cpu_initialization=not on_cuda, **config_overrides)
-    model = OPSDGPTModel(
+    model = LlamaFamilyModel(
         config,
         layer_spec(arch, use_te),
         arch,
@@ -99,7 +136,8 @@ def build_model(
 
 __all__ = [
     "Architecture",
-    "OPSDGPTModel",
+    "LlamaFamilyModel",
+    "ModelConfig",
     "UnsupportedConfigError",
     "attention_mask",
     "build_model",

@@ -12,14 +12,22 @@ Mapping (HF <- Megatron, per layer ``model.layers.{L}`` <- ``decoder.layers.{i}`
 
 Import reads only this rank's slices from the memory-mapped safetensors files (``get_slice``) and
 copies each byte once, straight into the parameter: no rank holds a tensor it does not own.
-Export gathers one logical tensor at a time across TP, then broadcasts it across pipeline
-stages, so peak extra memory is one full tensor.
+
+Export streams one logical tensor at a time, so peak extra memory is one full tensor:
+- :func:`stage_hf_tensors`: a pipeline stage's own parameters, gathered over TP onto the stage's
+  first TP rank of data-parallel replica 0 (its *sender*): what a sync that sends from every
+  stage needs, without any rank holding the whole model;
+- :func:`model_hf_tensors`: the whole model on global rank 0, each later stage's sender sending
+  its tensors there point to point: what needs every tensor in one place (conversion, an engine
+  in the trainer's process). :func:`write_hf_model` writes it as a Hugging Face directory.
+Both are collectives that yield only on their destination rank; a rank that takes part without
+consuming iterates the stream to its end (:func:`drain`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +36,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import Tensor
 
+from megatron_opsd.fileio import CheckpointError, atomic_output_dir
 from megatron_opsd.models.architectures import Architecture
-from megatron_opsd.models.gpt import OPSDGPTModel
-from megatron_opsd.models.hf_io import CheckpointError, HFReader
+from megatron_opsd.models.gpt import LlamaFamilyModel
+from megatron_opsd.models.hf_io import HFReader, write_hf_shards
 
 EMBED, LM_HEAD, FINAL_NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
 
@@ -104,7 +113,7 @@ def hf_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _items(chunk: OPSDGPTModel) -> list[_Item]:
+def _items(chunk: LlamaFamilyModel) -> list[_Item]:
     arch, items = chunk.arch, []
     for name, param in chunk.named_parameters():
         if name == "embedding.word_embeddings.weight":
@@ -167,7 +176,7 @@ def _shard_pairs(
 
 
 @torch.no_grad()
-def load_hf_weights(chunks: list[OPSDGPTModel], hf_dir: str | Path) -> None:
+def load_hf_weights(chunks: list[LlamaFamilyModel], hf_dir: str | Path) -> None:
     """Fill this rank's chunks from an HF safetensors directory (any TP/PP layout).
 
     The directory is validated first against the model's config (see ``HFReader``); every
@@ -190,15 +199,18 @@ def _cat(parts: list[Tensor], dim: int = 0) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _gather_tp(item: _Item, arch: Architecture, group: dist.ProcessGroup, size: int) -> list[Tensor]:
-    """Full HF tensors for ``item`` (collective over the TP group)."""
+def _gather_tp(item: _Item, arch: Architecture, group: dist.ProcessGroup, size: int) -> list[Tensor] | None:
+    """Full HF tensors for ``item`` on the group's first rank, None on the others (collective over TP)."""
     local = item.param.detach()
+    first = dist.get_process_group_ranks(group)[0] if size > 1 else dist.get_rank()
     if item.kind == "replicated":
-        return [local]
+        return [local] if dist.get_rank() == first else None
     parts = [local]
     if size > 1:
-        parts = [torch.empty_like(local) for _ in range(size)]
-        dist.all_gather(parts, local.contiguous(), group=group)
+        parts = [torch.empty_like(local) for _ in range(size)] if dist.get_rank() == first else None
+        dist.gather(local.contiguous(), parts, dst=first, group=group)
+        if parts is None:
+            return None
     if item.kind == "row":
         return [_cat(parts, dim=1)]
     if item.kind == "vocab":
@@ -214,35 +226,83 @@ def _gather_tp(item: _Item, arch: Architecture, group: dist.ProcessGroup, size: 
     return [t.reshape(-1, *rest) for t in (q, k, v)]
 
 
-def export_hf_tensors(chunks: list[OPSDGPTModel], dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
-    """Stream the full model as (HF name, full tensor) pairs, one logical tensor at a time.
+def _in_replica_zero() -> bool:
+    """Whether this rank belongs to data-parallel (and context-parallel) replica 0, the one exported."""
+    return ps.get_data_parallel_rank(with_context_parallel=True) == 0
 
-    Collective over the model-parallel group: every TP and PP rank must iterate it to the end,
-    and every rank receives every tensor (on the model's device, in ``dtype`` or the model's).
-    Order: pipeline stages in order, parameters in module order within a stage. The tensors may
-    share storage with the model: copy before modifying.
+
+def stage_hf_tensors(chunks: list[LlamaFamilyModel], dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
+    """This pipeline stage's own parameters as (HF name, full tensor) pairs, gathered over TP.
+
+    Every rank may call it. The tensors are yielded on the stage's first TP rank of data-parallel
+    replica 0 (the stage's sender); the other TP ranks of that replica take part in the gathers
+    and yield nothing; ranks of other replicas return at once. Order: module order. Tensors are
+    in ``dtype`` (default the model's) and may share storage with the model: copy before modifying.
     """
     (chunk,) = chunks  # virtual pipeline stages are not supported
-    arch = chunk.arch
+    if not _in_replica_zero():
+        return
     tp_group, tp_size = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
-    pp_group, pp_size = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_world_size()
-    items = [item for item in _items(chunk) if item.exported]
-    stages: list[list[tuple[str, ...]]] = [[item.hf_names for item in items]]
-    if pp_size > 1:
-        stages = [None] * pp_size
-        dist.all_gather_object(stages, [item.hf_names for item in items], group=pp_group)
-    pp_ranks = dist.get_process_group_ranks(pp_group)
-    my_stage = ps.get_pipeline_model_parallel_rank()
     out_dtype = dtype or chunk.config.params_dtype
+    for item in _items(chunk):
+        if not item.exported:
+            continue
+        tensors = _gather_tp(item, chunk.arch, tp_group, tp_size)
+        if tensors is not None:
+            yield from zip(item.hf_names, (t.to(out_dtype).contiguous() for t in tensors), strict=True)
+
+
+def model_hf_tensors(chunks: list[LlamaFamilyModel], dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
+    """The whole model as (HF name, full tensor) pairs, yielded on global rank 0 only.
+
+    Collective over the model-parallel ranks of data-parallel replica 0 (every rank may call it;
+    the others return at once): each stage's sender (:func:`stage_hf_tensors`) sends its tensors
+    to rank 0, which yields them in pipeline-stage order, one tensor in flight at a time.
+    """
+    (chunk,) = chunks
+    stage = stage_hf_tensors(chunks, dtype)
+    pp_size = ps.get_pipeline_model_parallel_world_size()
+    if pp_size == 1 or not _in_replica_zero():
+        yield from stage
+        return
+    if ps.get_tensor_model_parallel_rank() != 0:
+        drain(stage)  # its part of the TP gathers; the stage's sender sends
+        return
+    # The stage senders and rank 0 form the pipeline group of TP rank 0 in replica 0.
+    pp_group, my_stage = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_rank()
+    names = [item.hf_names for item in _items(chunk) if item.exported]
+    stages: list[list[tuple[str, ...]]] = [None] * pp_size
+    dist.all_gather_object(stages, names, group=pp_group)
+    senders = dist.get_process_group_ranks(pp_group)
+    if my_stage != 0:
+        for _, tensor in stage:
+            dist.send(tensor, dst=senders[0])
+        return
+    yield from stage
+    shapes, out_dtype = hf_shapes(chunk.arch), dtype or chunk.config.params_dtype
     device = next(chunk.parameters()).device
-    shapes = hf_shapes(arch)
-    for stage, stage_items in enumerate(stages):
-        for j, names in enumerate(stage_items):
-            if stage == my_stage:
-                tensors = [t.to(out_dtype).contiguous() for t in _gather_tp(items[j], arch, tp_group, tp_size)]
-            else:
-                tensors = [torch.empty(shapes[n], dtype=out_dtype, device=device) for n in names]
-            if pp_size > 1:
-                for tensor in tensors:
-                    dist.broadcast(tensor, src=pp_ranks[stage], group=pp_group)
-            yield from zip(names, tensors, strict=True)
+    for sender, stage_names in zip(senders[1:], stages[1:]):
+        for name in (n for group in stage_names for n in group):
+            tensor = torch.empty(shapes[name], dtype=out_dtype, device=device)
+            dist.recv(tensor, src=sender)
+            yield name, tensor
+
+
+def drain(stream: Iterable[object]) -> None:
+    """Iterate a collective stream to its end without using it: a rank's part of the communication."""
+    for _ in stream:
+        pass
+
+
+def write_hf_model(chunks: list[LlamaFamilyModel], out: str | Path, write_files: Callable[[Path], None], *,
+                   dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
+    """The model as a Hugging Face directory ``out``: safetensors shards + index, and what
+    ``write_files(dir)`` adds (config, tokenizer). Collective; the directory appears only when complete."""
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        tensors = model_hf_tensors(chunks, dtype)
+        if dist.get_rank() == 0:
+            write_hf_shards(tensors, tmp, max_shard_bytes=max_shard_bytes)
+            write_files(tmp)
+        else:
+            drain(tensors)
+    return Path(out)

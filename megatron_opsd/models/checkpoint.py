@@ -6,14 +6,18 @@ Layout of a checkpoint directory::
     <dir>/hf/            config.json, generation config and tokenizer files of the source model
 
 ``hf/`` makes the directory self-describing: :func:`hf_config_dir` is what ``build_model`` takes.
+A training checkpoint (``train/checkpoint.py``) has the same layout plus more state, and loads here
+too (model tensors only).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing as mp
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -21,25 +25,35 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensorFactory
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.utils import unwrap_model
 
-from megatron_opsd.models.gpt import OPSDGPTModel
-from megatron_opsd.models.hf_io import atomic_output_dir, copy_non_weight_files
+from megatron_opsd.fileio import MANIFEST, CheckpointError, atomic_output_dir, verify_manifest
+from megatron_opsd.models.gpt import LlamaFamilyModel
+from megatron_opsd.models.hf_io import copy_non_weight_files
 
 HF_SUBDIR = "hf"
 
 
 def hf_config_dir(ckpt_dir: str | Path) -> Path:
+    """``<ckpt_dir>/hf`` of a complete checkpoint (a training checkpoint's manifest must check out)."""
+    _check_complete(Path(ckpt_dir))
     path = Path(ckpt_dir) / HF_SUBDIR
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a megatron-opsd model checkpoint: no {HF_SUBDIR}/config.json")
     return path
 
 
+def _check_complete(ckpt_dir: Path) -> None:
+    """A training checkpoint carries a manifest: every file it lists must be there, whole."""
+    if (ckpt_dir / MANIFEST).is_file():
+        verify_manifest(ckpt_dir)
+
+
 def use_fork_results_queue() -> None:
     """Give Megatron's checkpoint writer a results queue from a *fork* Manager.
 
     Megatron creates it lazily with a *spawn* Manager, whose server process re-imports the main
-    module (torch, Megatron: ~4 s per process, measured). The server only relays write results
+    module, torch and Megatron (seconds: bench/RESULTS.md, "conversion"). The server only relays write results
     and never touches tensors or CUDA, so forking it is safe; Megatron forks its writers anyway.
     Call before any ``dist_checkpointing.save``; a no-op if this Megatron has no such queue.
     """
@@ -51,7 +65,7 @@ def use_fork_results_queue() -> None:
 def _without_crc32() -> Iterator[None]:
     """Let ``torch.save`` (Megatron's writers serialize every tensor with it) skip the zip CRC32.
 
-    Computing it doubled the writers' CPU time (measured: 0.5-0.7 s vs 0.24 s per GB) and nothing
+    Computing it doubled the writers' CPU time (bench/RESULTS.md, "conversion") and nothing
     checks it: ``torch.load``, which dist checkpoints read through, ignores it (see
     ``torch.serialization.set_crc32_options``). The writer processes are forked inside, so they
     inherit the setting; the previous one is restored afterwards.
@@ -70,7 +84,7 @@ def _merge_in_place(sharded_state_dict: ShardedStateDict) -> ShardedStateDict:
     Megatron saves ``linear_fc1`` of SwiGLU MLPs as two halves (a ``ShardedTensorFactory`` whose
     build returns dim-0 views of the parameter); on load it reads into those views, then
     ``torch.cat``s them into a new tensor that ``load_state_dict`` copies back: two redundant
-    copies of 40% of a Llama's bytes. When the loaded parts are exactly the parameter's dim-0
+    copies of the MLP's input weights. When the loaded parts are exactly the parameter's dim-0
     chunks, the parameter already holds the merged result (merge is build's inverse), so return
     it; anything else goes to the factory's own merge.
     """
@@ -95,7 +109,7 @@ def _reuse_if_loaded_in_place(data: torch.Tensor, merge_fn):
 
 
 def save(
-    chunks: list[OPSDGPTModel], out_dir: str | Path, hf_files_from: str | Path, *, overwrite: bool = False
+    chunks: list[LlamaFamilyModel], out_dir: str | Path, hf_files_from: str | Path, *, overwrite: bool = False
 ) -> Path:
     """Save the model (collective) to ``out_dir`` atomically, with the HF config/tokenizer files
     copied from ``hf_files_from`` (an HF directory or another checkpoint's ``hf/``)."""
@@ -110,14 +124,15 @@ def save(
     return Path(out_dir)
 
 
-def load(chunks: list[OPSDGPTModel], ckpt_dir: str | Path) -> None:
+def load(chunks: list[LlamaFamilyModel], ckpt_dir: str | Path) -> None:
     """Load a model checkpoint saved at any TP/PP layout into this rank's chunks (collective).
 
-    A training checkpoint (``train/checkpoint.py``) loads too: only the model's tensors are read,
-    and the non-tensor state Megatron merges into the result (optimizer, trainer) is left out.
+    A training checkpoint (``train/checkpoint.py``) loads too: it must be complete (its manifest
+    checks out), then only the model's tensors are read; the rest of its state is left out.
     """
     (chunk,) = chunks
     ckpt_dir = Path(ckpt_dir)
+    _check_complete(ckpt_dir)
     if not (ckpt_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a Megatron dist checkpoint: no metadata.json")
     request = _merge_in_place(chunk.sharded_state_dict())
@@ -125,4 +140,47 @@ def load(chunks: list[OPSDGPTModel], ckpt_dir: str | Path) -> None:
     chunk.load_state_dict({key: state[key] for key in request})
 
 
-__all__ = ["HF_SUBDIR", "hf_config_dir", "load", "save", "use_fork_results_queue"]
+class Stateful(Protocol):
+    """A named part of a training checkpoint whose state is plain values, the same on every rank
+    (torch's convention: a scheduler, a data iterator, counters)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ShardedStateful(Protocol):
+    """A named part of a training checkpoint with tensors sharded over the ranks (Megatron's
+    convention: ShardedTensor / ShardedObject leaves, saved once per shard and resharded on load,
+    beside plain values saved once)."""
+
+    def sharded_state_dict(self, is_loading: bool = False) -> ShardedStateDict:
+        """The state to save, or (``is_loading``) the request to load into."""
+
+    def load_state_dict(self, state: ShardedStateDict) -> None:
+        """Restore from the loaded request."""
+
+
+def shadow_sharded_state_dict(chunks: Sequence[torch.nn.Module], tensors: Sequence[torch.Tensor],
+                              prefix: str) -> ShardedStateDict:
+    """The chunks' sharded state dict re-pointed at ``tensors`` (one per parameter, in the order of
+    the chunks' ``parameters()``, same shapes), every key prefixed with ``prefix``: a second set of
+    weights (a teacher, an average) that is saved and resharded exactly like the model's own."""
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    if len(params) != len(tensors):
+        raise ValueError(f"{len(tensors)} tensors for {len(params)} parameters")
+    by_param = {id(p): t for p, t in zip(params, tensors)}
+    out = {}
+    for i, chunk in enumerate(chunks):
+        for name, sh in unwrap_model(chunk).sharded_state_dict().items():
+            if id(getattr(sh, "data", None)) in by_param:
+                tensor = by_param[id(sh.data)]
+                dtype = {"dtype": tensor.dtype} if hasattr(sh, "dtype") else {}  # e.g. an fp32 average of bf16 weights
+                out[f"model{i}.{name}"] = dataclasses.replace(sh, key=f"{prefix}{sh.key}", data=tensor, **dtype)
+    if len(out) != len(tensors):
+        raise CheckpointError(f"{prefix!r} checkpoint covers {len(out)} of {len(tensors)} parameters")
+    return out
+
+
+__all__ = ["HF_SUBDIR", "ShardedStateful", "Stateful", "hf_config_dir", "load", "save", "shadow_sharded_state_dict",
+           "use_fork_results_queue"]

@@ -9,12 +9,12 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
-from megatron_opsd.models.gpt import OPSDGPTModel
+from megatron_opsd.models.gpt import LlamaFamilyModel
 
 
 @torch.no_grad()
 def forward_only(
-    chunks: list[OPSDGPTModel],
+    chunks: list[LlamaFamilyModel],
     micro_batches: list[dict[str, Tensor]],
     *,
     output: Literal["logits", "hidden"] = "logits",

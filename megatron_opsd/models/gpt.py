@@ -21,7 +21,7 @@ from torch import Tensor
 from megatron_opsd.models.architectures import Architecture, rope_inv_freq
 
 
-class OPSDGPTModel(GPTModel):
+class LlamaFamilyModel(GPTModel):
     """One pipeline stage of a Llama-family decoder (see module docstring for the forward)."""
 
     def __init__(

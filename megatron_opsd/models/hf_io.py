@@ -1,20 +1,19 @@
-"""Hugging Face safetensors directories: validated lazy reading, streamed sharded writing, and
-atomic output directories."""
+"""Hugging Face safetensors directories: validated lazy reading and streamed sharded writing."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from megatron_opsd.fileio import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +22,6 @@ SINGLE = "model.safetensors"
 # Derived buffers some older checkpoints carry; recomputed from the config, never loaded.
 DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk disagrees with its config or is incomplete."""
 
 
 class HFReader:
@@ -150,32 +145,3 @@ def copy_non_weight_files(src: Path, dst: Path) -> list[str]:
             shutil.copy2(path, dst / path.name)
             copied.append(path.name)
     return copied
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that is renamed to ``out`` only when the block succeeds.
-
-    Collective when ``torch.distributed`` is initialized: every rank writes into the same
-    temporary directory; rank 0 prepares and renames it, with barriers around both.
-    """
-    out = Path(out).resolve()
-    tmp = out.with_name(f".{out.name}.partial")
-    distributed = dist.is_available() and dist.is_initialized()
-    rank0 = not distributed or dist.get_rank() == 0
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} already exists")
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    if distributed:
-        dist.barrier()
-    yield tmp
-    if distributed:
-        dist.barrier()
-    if rank0:
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    if distributed:
-        dist.barrier()

@@ -9,7 +9,7 @@ depend on how sequences are batched) and reports exactly the log-probs defined b
 - Each sequence samples from its own ``torch.Generator``, seeded from ``(seed, sequence index)``
   (sequence index = prompt index * n + sample index), with the exponential-race form of
   categorical sampling: ``argmax(probs / Exp(1) noise)``.
-- Processing order: temperature, then top-k (``top_k <= 0``: off), then top-p; ``temperature == 0``
+- Processing order: temperature, then top-k (``top_k == -1``: off), then top-p; ``temperature == 0``
   is greedy (argmax of the raw logits, the first index on exact ties).
 - A response ends with the first stop token (kept in the response, finish reason ``"stop"``) or
   after ``max_new_tokens`` (``"length"``). Prompt plus ``max_new_tokens`` must fit the model's
@@ -38,6 +38,7 @@ from megatron_opsd.section import Section
 
 
 class EmbeddedEngineConfig(Section):
+    kind: Literal["embedded"] = Field(default="embedded", description="a transformers model in the trainer's process")
     max_batch_size: int = Field(default=64, ge=1, description="sequences (prompts x n) per forward batch")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="parameter dtype of a model the engine builds or loads")
@@ -133,7 +134,7 @@ class EmbeddedEngine:
             next_position = next_position + 1
         tokens, logprobs, lengths = tokens.tolist(), logprobs.tolist(), lengths.tolist()
         return [Rollout(tuple(tokens[r][:lengths[r]]), tuple(logprobs[r][:lengths[r]]),
-                        "stop" if stopped[r] else "length") for r in range(batch)]
+                        "stop" if stopped[r] else "length", self.weight_version) for r in range(batch)]
 
     @torch.no_grad()
     def logprobs(self, sequences: Sequence[Sequence[int]], temperature: float = 1.0) -> list[torch.Tensor]:
@@ -167,10 +168,10 @@ class EmbeddedEngine:
     def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Copy HF-named tensors into the model one at a time; every parameter must arrive exactly once.
 
-        The stream is always consumed to its end, even after an error, because the trainer's
-        exporter is a collective that every rank must finish. Any unknown name, wrong shape,
-        duplicate or missing parameter raises :class:`WeightSyncError` listing them all, and leaves
-        the engine unusable (partly updated) until a later update succeeds. Dtypes are cast.
+        The whole stream is read before judging it, so that one error lists every problem: any
+        unknown name, wrong shape, duplicate or missing parameter raises :class:`WeightSyncError`
+        listing them all, and leaves the engine unusable (partly updated) until a later update
+        succeeds. Dtypes are cast.
         """
         params = dict(self.model.named_parameters())
         not_params = set(self.model.state_dict()) - set(params)  # tied copies (e.g. lm_head) and buffers
@@ -201,11 +202,10 @@ class EmbeddedEngine:
 
     def health(self) -> EngineHealth:
         if self._broken:
-            return EngineHealth(ok=False, weight_version=self.weight_version, detail=self._broken)
+            return EngineHealth(ok=False, detail=self._broken)
         params = sum(p.numel() for p in self.model.parameters())
         dtype = next(self.model.parameters()).dtype
-        return EngineHealth(ok=True, weight_version=self.weight_version,
-                            detail=f"{type(self.model).__name__}, {params} parameters, {dtype} on {self.device}")
+        return EngineHealth(ok=True, detail=f"{type(self.model).__name__}, {params} parameters, {dtype} on {self.device}")
 
     def _check_usable(self) -> None:
         if self._broken:

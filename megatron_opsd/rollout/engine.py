@@ -1,26 +1,60 @@
-"""The rollout-engine contract the trainer talks to, and an engine that replays recorded rollouts.
+"""The rollout-engine contract the trainer talks to: the sampling schema, what a rollout is, and
+the engine protocol.
 
-The trainer only needs three things from whatever produces rollouts (the embedded engine, an
-SGLang fleet, a file of recordings): sample responses for prompt token ids, accept new weights
-as a stream of HF-named tensors, and say whether it is healthy. Keeping that surface small lets
-the training step be tested against recorded rollouts, bit for bit, without any generator.
+Whatever produces rollouts (the embedded engine, recorded rollouts, an inference server fleet)
+offers four things: sample responses for prompt token ids, score given sequences (teacher-forced
+log-probs, for the probe check after a weight sync), say whether it is healthy, and say which
+weights it samples with (``weight_version``). Loading new weights is not part of the contract:
+each weight-sync strategy (``rollout/sync.py``) knows the engines it can feed.
+
+Sampling has one schema, :class:`SamplingConfig` (the config sections of training rollouts and
+of evaluation are subclasses that differ only in defaults), and one runtime form,
+:class:`SamplingParams`, validated by that schema. ``top_k = -1`` turns top-k off (SGLang's
+convention).
 """
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
+from pydantic import Field, field_validator
+
+from megatron_opsd.data.sample import Sample
+from megatron_opsd.section import Section
 
 FinishReason = Literal["stop", "length"]
 
 
+class SamplingConfig(Section):
+    """How responses are sampled (defaults: the paper's rollout recipe)."""
+
+    temperature: float = Field(default=1.1, ge=0, description="sampling temperature; 0: greedy")
+    top_p: float = Field(default=0.95, gt=0, le=1,
+                         description="nucleus sampling: keep the smallest token set with this total probability")
+    top_k: int = Field(default=20, ge=-1, description="keep the k most likely tokens; -1: no top-k truncation")
+    max_new_tokens: int = Field(default=1024, ge=1, description="response length limit (tokens)")
+    stop_tokens: list[str] | None = Field(default=None, description="tokens that end a response; default: the tokenizer's EOS")
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_not_zero(cls, top_k: int) -> int:
+        if top_k == 0:
+            raise ValueError("top_k must be -1 (no top-k truncation) or at least 1")
+        return top_k
+
+    def params(self, tokenizer: Any, *, n: int = 1, seed: int | None = None) -> SamplingParams:
+        """The runtime form, stop tokens resolved to ids with ``tokenizer``."""
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=self.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, self.stop_tokens),
+                              n=n, seed=seed)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling settings for one generate call (defaults: the paper's rollout recipe)."""
+    """Sampling settings of one generate call: :class:`SamplingConfig` with the stop tokens as
+    ids, plus the number of samples per prompt and the seed."""
 
     temperature: float = 1.1
     top_p: float = 0.95
@@ -31,13 +65,28 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1 or self.n < 1:
-            raise ValueError(f"invalid sampling params: {self}")
+        SamplingConfig(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                       max_new_tokens=self.max_new_tokens)
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+
+
+def stop_token_ids(tokenizer: Any, tokens: list[str] | None) -> tuple[int, ...]:
+    """Token ids of ``tokens`` (default: the tokenizer's EOS); an unknown token is an error."""
+    tokens = tokens if tokens is not None else [tokenizer.eos_token]
+    ids = []
+    for token in tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token) if token is not None else None
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"stop token {token!r} is not in the tokenizer's vocabulary")
+        ids.append(token_id)
+    return tuple(ids)
 
 
 @dataclass(frozen=True)
 class Rollout:
-    """One sampled response: its token ids, the sampler's log-prob of each, and why it ended.
+    """One sampled response: its token ids, the sampler's log-prob of each, why it ended, and the
+    weight version it was sampled with.
 
     A truncated response (``finish_reason == "length"``) is kept for training, as in the paper.
     """
@@ -45,6 +94,7 @@ class Rollout:
     response_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
     finish_reason: FinishReason
+    weight_version: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.response_ids) != len(self.logprobs):
@@ -56,87 +106,44 @@ class Rollout:
 @dataclass(frozen=True)
 class EngineHealth:
     ok: bool
-    weight_version: int
     detail: str = ""
 
 
 class ProbeMismatchError(RuntimeError):
     """The engine's log-probs disagree with the trainer's after a weight sync (a wrong mapping).
 
-    Raised by the training loop; defined here, with the contract it checks, so that the CLI can
-    name it among its user errors without importing the loop (and Megatron)."""
+    Raised by the weight sync's probe check; defined here, beside the contract it checks, so that
+    the CLI can name it among its user errors without importing Megatron."""
 
 
 @runtime_checkable
 class RolloutEngine(Protocol):
+    weight_version: int  # the version of the weights it samples with (0 until a first sync)
+
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Rollout]]:
         """``params.n`` rollouts for each prompt, in prompt order."""
 
-    def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Load HF-named tensors (streamed, one at a time); later generations use ``version``."""
+    def logprobs(self, sequences: Sequence[Sequence[int]], temperature: float = 1.0) -> list[torch.Tensor]:
+        """Teacher-forced log-probs of tokens ``1..len-1`` of each sequence under
+        ``log_softmax(logits / temperature)``, the quantity the sampler reports."""
 
     def health(self) -> EngineHealth: ...
 
 
-@dataclass
-class RecordedRolloutEngine:
-    """Replays rollouts recorded per prompt; applies n, max_new_tokens and stop ids like a sampler.
-
-    A prompt without a recording is an error (a test that silently got no data would prove nothing).
-    """
-
-    records: Mapping[tuple[int, ...], Sequence[Rollout]]
-    weight_version: int = 0
-    tensors_received: int = field(default=0, init=False)
-
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Rollout]]:
-        out = []
-        for i, prompt in enumerate(prompts):
-            recorded = self.records.get(tuple(prompt))
-            if recorded is None:
-                raise KeyError(f"no recorded rollout for prompt {i} (first ids {list(prompt[:8])})")
-            if len(recorded) < params.n:
-                raise ValueError(f"prompt {i}: {len(recorded)} recorded rollouts, {params.n} requested")
-            out.append([_apply_limits(r, params) for r in recorded[: params.n]])
-        return out
-
-    def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        for name, tensor in tensors:
-            if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"weight stream must yield (name, tensor), got {type(name)}, {type(tensor)}")
-            self.tensors_received += 1
-        self.weight_version = version
-
-    def health(self) -> EngineHealth:
-        return EngineHealth(ok=True, weight_version=self.weight_version, detail=f"{len(self.records)} recorded prompts")
-
-    def save(self, path: str | Path) -> None:
-        lines = [json.dumps({"prompt": list(p), "rollouts": [asdict(r) for r in rs]}) for p, rs in self.records.items()]
-        Path(path).write_text("\n".join(lines) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> RecordedRolloutEngine:
-        records = {}
-        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                records[tuple(row["prompt"])] = [
-                    Rollout(tuple(r["response_ids"]), tuple(r["logprobs"]), r["finish_reason"]) for r in row["rollouts"]
-                ]
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{path}:{n}: bad recorded rollout: {exc}") from exc
-        return cls(records)
+def rollout_samples(prompts: Sequence[Sequence[int]], rollouts: Sequence[Sequence[Rollout]]) -> list[list[Sample]]:
+    """Each prompt's rollouts as samples (their group id: the prompt's index)."""
+    return [[Sample(tuple(prompt), r.response_ids, rollout_logprobs=r.logprobs, weight_version=r.weight_version,
+                    group_id=group) for r in group_rollouts]
+            for group, (prompt, group_rollouts) in enumerate(zip(prompts, rollouts, strict=True))]
 
 
-def _apply_limits(rollout: Rollout, params: SamplingParams) -> Rollout:
-    ids, logprobs, reason = rollout.response_ids, rollout.logprobs, rollout.finish_reason
-    stops = [i for i, t in enumerate(ids) if t in params.stop_token_ids]
-    if stops and stops[0] < params.max_new_tokens:
-        end, reason = stops[0] + 1, "stop"
-    elif len(ids) > params.max_new_tokens:
-        end, reason = params.max_new_tokens, "length"
-    else:
-        end = len(ids)
-    return Rollout(ids[:end], logprobs[:end], reason)
+def rollout_stats(rollouts: Sequence[Rollout]) -> dict[str, float]:
+    """Response length mean/max and the fraction of responses cut at max_new_tokens."""
+    if not rollouts:
+        return {}
+    lengths = [len(r.response_ids) for r in rollouts]
+    return {
+        "response_len_mean": sum(lengths) / len(lengths),
+        "response_len_max": float(max(lengths)),
+        "truncation_rate": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+    }

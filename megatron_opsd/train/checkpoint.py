@@ -1,32 +1,39 @@
-"""Atomic, resumable, reshardable training checkpoints (Megatron dist_checkpointing, torch_dist).
+"""Atomic, resumable, reshardable training checkpoints of named stateful parts (Megatron
+dist_checkpointing, torch_dist).
 
-One checkpoint holds everything a step depends on: model, optimizer (with its step count),
-LR scheduler, teacher weights (fixed/EMA), RNG states, the data iterator position and the
-trainer's counters. Layout under the checkpoint root::
+A checkpoint holds whatever parts the run hands it, by name: the model, the optimizer (with its
+step count), the LR scheduler, the data iterator, the step runner's counters, the RNG states,
+and the algorithm's own parts (OPSD's teacher weights); SFT saves no teacher because it has
+none. A part is either plain state the same on every rank (``state_dict`` / ``load_state_dict``,
+saved once by rank 0) or sharded (``sharded_state_dict`` with Megatron ShardedTensor /
+ShardedObject leaves); see ``models.checkpoint.Stateful`` and ``ShardedStateful``. A resume needs
+exactly the parts that were saved: a checkpoint of another algorithm, or of an older layout of
+this code (its common state has no ``checkpoint`` entry), is a CheckpointError naming what is
+missing. Its model weights still load anywhere a model checkpoint does (``opsd eval``,
+``opsd convert``).
+
+Layout under the checkpoint root::
 
     step_000006/      a complete checkpoint (dist_checkpointing files + manifest.json)
     step_000006/hf/   the model's HF config (in the training dtype) and tokenizer files
     latest            the name of the newest complete checkpoint, written last
 
-``hf/`` makes a step directory self-describing like a model checkpoint (``models/checkpoint.py``):
-``opsd eval`` and ``opsd convert megatron-to-hf`` read its model weights (and nothing else) from it.
+``hf/`` makes a step directory self-describing like a model checkpoint (``models/checkpoint.py``).
 
-Atomicity: every rank writes into ``.tmp.step_000006``; after a barrier rank 0 writes the
-manifest (every file and its size), renames the directory, then replaces ``latest``. A crash at any
-point leaves either the previous ``latest`` or the new one, never a half checkpoint behind it.
-A damaged checkpoint (missing/truncated file, no manifest) is a CheckpointError naming the file.
+Atomicity: every rank writes into ``.step_000006.partial``; rank 0 writes the manifest (every
+file and its size), renames the directory, then replaces ``latest``. A crash at any point leaves
+either the previous ``latest`` or the new one, never a half checkpoint behind it. A damaged
+checkpoint (missing/truncated file, no manifest) is a CheckpointError naming the file.
 
-Resharding: model, optimizer (``fully_reshardable``) and teacher tensors reshard to another TP/PP/DP
-layout. RNG states are per rank and are restored only at the layout they were saved with.
+Resharding: sharded parts reshard to another TP/PP/DP layout (the optimizer as
+``fully_reshardable``). Parts bound to their layout (``layout_bound = True``: the per-rank RNG
+states) are restored only at the layout they were saved with.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import random
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +43,24 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import DistributedOptimizer, MegatronOptimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import unwrap_model
 from pydantic import Field
 
-from megatron_opsd.fileio import atomic_write_text
-from megatron_opsd.models.checkpoint import HF_SUBDIR
-from megatron_opsd.opsd.teacher import Teacher
+from megatron_opsd.fileio import (
+    MANIFEST,
+    CheckpointError,
+    atomic_output_dir,
+    atomic_write_text,
+    partial_dir,
+    verify_manifest,
+    write_manifest,
+)
+from megatron_opsd.models.checkpoint import HF_SUBDIR, ShardedStateful, Stateful
 from megatron_opsd.section import Section
 
 LATEST = "latest"
-MANIFEST = "manifest.json"
+FORMAT = 2  # 1: the layout before named parts (model0 / optimizer / teacher / rng / common)
+_META = "checkpoint"  # the checkpoint's own plain entry: format, step, layout, part names
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -54,14 +68,10 @@ class CheckpointConfig(Section):
     dir: str | None = Field(
         default=None, description="checkpoint root (step_NNNNNN/ directories and 'latest'); None: no checkpoints")
     interval: int = Field(
-        25, ge=1, description="steps between checkpoints (and the last step); a multiple of rollout.sync_interval")
+        25, ge=1, description="steps between checkpoints (and the last step); a multiple of rollout.sync.interval")
     keep_last: int = Field(3, ge=1, description="complete checkpoints kept; older ones are deleted")
     load: str | None = Field(
         default=None, description="resume from this checkpoint directory or root; None: from dir if it has one")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from (missing, partial or damaged)."""
 
 
 def _layout() -> dict[str, int]:
@@ -72,112 +82,97 @@ def _layout() -> dict[str, int]:
     }
 
 
-def _rng_state() -> ShardedObject:
-    state = {
-        "random": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
-    layout = _layout()
-    offset = (
-        parallel_state.get_pipeline_model_parallel_rank(),
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_data_parallel_rank(),
-    )
-    return ShardedObject("rng_state", state, (layout["pp"], layout["tp"], layout["dp"]), offset, replica_id=0)
+class ModelState:
+    """The model chunks' parameters."""
+
+    def __init__(self, chunks: Sequence[torch.nn.Module]):
+        self.chunks = chunks
+
+    def sharded_state_dict(self, is_loading: bool = False) -> dict[str, Any]:
+        return {f"model{i}": unwrap_model(chunk).sharded_state_dict() for i, chunk in enumerate(self.chunks)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for i, chunk in enumerate(self.chunks):
+            unwrap_model(chunk).load_state_dict(state[f"model{i}"])
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+class OptimizerState:
+    """The optimizer's state (moments, step counts), sharded like the parameters it belongs to."""
+
+    def __init__(self, optimizer: MegatronOptimizer, chunks: Sequence[torch.nn.Module]):
+        self.optimizer, self.model = optimizer, ModelState(chunks)
+
+    def sharded_state_dict(self, is_loading: bool = False) -> dict[str, Any]:
+        if is_loading:
+            _create_optimizer_state(self.optimizer)
+        return self.optimizer.sharded_state_dict(self.model.sharded_state_dict(), is_loading=is_loading,
+                                                 metadata=_OPTIM_METADATA)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _load_optimizer(self.optimizer, state)
 
 
-def _teacher_sharded(models: dict[str, dict], teacher: Teacher) -> dict:
-    """The models' sharded tensors re-pointed at the teacher's tensors, keys prefixed ``teacher.``
-    (so the teacher reshards across layouts exactly like the model)."""
-    tensors = teacher.state_tensors()
-    if tensors is None:
-        return {}
-    by_param = {id(p): t for p, t in zip(teacher.params, tensors)}
-    out = {}
-    for model, sd in models.items():
-        for name, sh in sd.items():
-            if id(getattr(sh, "data", None)) in by_param:
-                out[f"{model}.{name}"] = dataclasses.replace(sh, key=f"teacher.{sh.key}", data=by_param[id(sh.data)])
-    if len(out) != len(tensors):
-        raise CheckpointError(f"teacher checkpoint covers {len(out)} of {len(tensors)} parameters")
-    return out
+class RNGState:
+    """Python, numpy, torch (CPU and CUDA) and Megatron's tensor-parallel RNG states of this rank."""
+
+    layout_bound = True
+
+    def sharded_state_dict(self, is_loading: bool = False) -> ShardedObject:
+        state = {
+            "random": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        }
+        layout = _layout()
+        offset = (
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_data_parallel_rank(),
+        )
+        return ShardedObject("rng_state", state, (layout["pp"], layout["tp"], layout["dp"]), offset, replica_id=0)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        random.setstate(state["random"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _state_dict(
-    chunks: Sequence[torch.nn.Module],
-    optimizer: MegatronOptimizer,
-    teacher: Teacher,
-    is_loading: bool,
-    with_rng: bool,
-) -> dict[str, Any]:
-    models = {f"model{i}": unwrap_model(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
-    state: dict[str, Any] = dict(models)
-    state["optimizer"] = optimizer.sharded_state_dict(models, is_loading=is_loading, metadata=_OPTIM_METADATA)
-    state["teacher"] = _teacher_sharded(models, teacher)
-    if with_rng:
-        state["rng"] = _rng_state()
-    return state
-
-
-def _write_manifest(path: Path) -> None:
-    files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
-    (path / MANIFEST).write_text(json.dumps(files, indent=0))
+def _part_state(part: Stateful | ShardedStateful, is_loading: bool) -> Any:
+    return part.sharded_state_dict(is_loading=is_loading) if hasattr(part, "sharded_state_dict") else part.state_dict()
 
 
 def save_checkpoint(
     root: str | Path,
     step: int,
-    chunks: Sequence[torch.nn.Module],
-    optimizer: MegatronOptimizer,
-    scheduler: OptimizerParamScheduler,
-    teacher: Teacher,
-    trainer_state: dict[str, Any],
+    states: Mapping[str, Stateful | ShardedStateful],
     keep_last: int,
     write_hf_files: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Collective: every rank calls it. ``trainer_state`` (step counters, data iterator position)
-    must be identical on all ranks; it is stored once. ``write_hf_files(dir)`` (called on rank 0)
-    writes the model's HF config and tokenizer into the checkpoint's ``hf/``."""
+    """Collective: every rank calls it with the same part names. Plain parts must be identical on
+    all ranks; they are stored once. ``write_hf_files(dir)`` (called on rank 0) writes the model's
+    HF config and tokenizer into the checkpoint's ``hf/``."""
     root = Path(root)
     name = f"step_{step:06d}"
-    tmp, final = root / f".tmp.{name}", root / name
+    tree = {key: _part_state(part, is_loading=False) for key, part in states.items()}
+    tree[_META] = {"format": FORMAT, "step": step, "layout": _layout(), "parts": sorted(states)}
+    with atomic_output_dir(root / name, overwrite=True) as tmp:
+        dist_checkpointing.save(tree, str(tmp))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            if write_hf_files is not None:
+                (tmp / HF_SUBDIR).mkdir()
+                write_hf_files(tmp / HF_SUBDIR)
+            write_manifest(tmp)
     if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    state = _state_dict(chunks, optimizer, teacher, is_loading=False, with_rng=True)
-    state["common"] = {
-        "step": step,
-        "scheduler": scheduler.state_dict(),
-        "trainer": trainer_state,
-        "layout": _layout(),
-        "teacher_mode": teacher.cfg.mode,
-    }
-    dist_checkpointing.save(state, str(tmp))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        if write_hf_files is not None:
-            (tmp / HF_SUBDIR).mkdir()
-            write_hf_files(tmp / HF_SUBDIR)
-        _write_manifest(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
         atomic_write_text(root / LATEST, name)
         _prune(root, keep_last)
     dist.barrier()
-    return final
+    return root / name
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -193,30 +188,13 @@ def resolve(path: str | Path) -> Path | None:
         return path
     latest = path / LATEST
     if not latest.exists():
-        if any(path.glob(".tmp.step_*")) or any(path.glob("step_*")):
+        if any(path.glob(partial_dir("step_*").name)) or any(path.glob("step_*")):
             raise CheckpointError(f"{path}: checkpoints present but no '{LATEST}' pointer (interrupted save?)")
         return None
     target = path / latest.read_text().strip()
     if not target.is_dir():
         raise CheckpointError(f"{latest} names {target.name}, which does not exist")
     return target
-
-
-def verify(path: Path) -> None:
-    """Every file the manifest lists exists with its recorded size."""
-    manifest = path / MANIFEST
-    if not manifest.exists():
-        raise CheckpointError(f"{path} is incomplete: no {MANIFEST} (the save did not finish)")
-    try:
-        files = json.loads(manifest.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{manifest} is damaged: {exc}") from exc
-    for rel, size in files.items():
-        f = path / rel
-        if not f.exists():
-            raise CheckpointError(f"{path} is damaged: {rel} is missing")
-        if f.stat().st_size != size:
-            raise CheckpointError(f"{path} is damaged: {rel} has {f.stat().st_size} bytes, expected {size}")
 
 
 def _create_optimizer_state(optimizer: MegatronOptimizer) -> None:
@@ -245,40 +223,39 @@ def _load_optimizer(optimizer: MegatronOptimizer, state: dict[str, Any]) -> None
         opt.optimizer.state[p]["step"] = step.clone()
 
 
-def load_checkpoint(
-    path: Path,
-    chunks: Sequence[torch.nn.Module],
-    optimizer: MegatronOptimizer,
-    scheduler: OptimizerParamScheduler,
-    teacher: Teacher,
-) -> dict[str, Any]:
-    """Restore everything in place; return the common part (step, trainer state, layout)."""
-    verify(path)
+def _read_meta(path: Path) -> dict[str, Any]:
     try:
-        common = dist_checkpointing.load_common_state_dict(str(path))["common"]
+        common = dist_checkpointing.load_common_state_dict(str(path))
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read common state: {exc}") from exc
-    if common["teacher_mode"] != teacher.cfg.mode:
-        raise CheckpointError(f"{path} was saved with teacher mode {common['teacher_mode']!r}, run uses {teacher.cfg.mode!r}")
-    same_layout = common["layout"] == _layout()
-    _create_optimizer_state(optimizer)
-    state = _state_dict(chunks, optimizer, teacher, is_loading=True, with_rng=same_layout)
+    meta = common.get(_META) if isinstance(common, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = sorted(common) if isinstance(common, dict) else type(common).__name__
+        raise CheckpointError(
+            f"{path} was written by an older layout of megatron-opsd (format {meta.get('format') if meta else 1}, "
+            f"this code reads {FORMAT}): its common state has no {_META!r} entry of format {FORMAT} (it has "
+            f"{found}). Its model weights still load (opsd eval, opsd convert megatron-to-hf, checkpoint.load of a "
+            f"converted model); to resume training, start from those weights (model.hf)")
+    return meta
+
+
+def load_checkpoint(path: Path, states: Mapping[str, Stateful | ShardedStateful]) -> int:
+    """Restore every part in place from the checkpoint at ``path`` (collective); return its step."""
+    verify_manifest(path)
+    meta = _read_meta(path)
+    if meta["parts"] != sorted(states):
+        missing, extra = sorted(set(states) - set(meta["parts"])), sorted(set(meta["parts"]) - set(states))
+        raise CheckpointError(
+            f"{path} holds the parts {meta['parts']}; this run has {sorted(states)}"
+            + (f" (missing from the checkpoint: {missing})" if missing else "")
+            + (f" (not in this run: {extra})" if extra else "") + ": it was written by another algorithm or setup")
+    same_layout = meta["layout"] == _layout()
+    restored = {k: p for k, p in states.items() if same_layout or not getattr(p, "layout_bound", False)}
+    request = {key: _part_state(part, is_loading=True) for key, part in restored.items()}
     try:
-        loaded = dist_checkpointing.load(state, str(path))
+        loaded = dist_checkpointing.load(request, str(path))
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot load: {exc}") from exc
-    for i, chunk in enumerate(chunks):
-        unwrap_model(chunk).load_state_dict(loaded[f"model{i}"])
-    _load_optimizer(optimizer, loaded["optimizer"])
-    scheduler.load_state_dict(common["scheduler"])
-    tensors = teacher.state_tensors()
-    if tensors is not None:
-        with torch.no_grad():
-            for name, value in loaded["teacher"].items():
-                target = state["teacher"][name].data
-                if value.data_ptr() != target.data_ptr():  # torch_dist usually loads in place
-                    target.copy_(value)
-        teacher.after_load()
-    if same_layout:
-        _set_rng_state(loaded["rng"])
-    return common
+    for key, part in restored.items():
+        part.load_state_dict(loaded[key])
+    return meta["step"]

@@ -1,4 +1,4 @@
-"""``opsd train CONFIG [key=value ...]``: OPSD or SFT training (see ``megatron_opsd.train.loop``).
+"""``opsd train CONFIG [key=value ...]``: OPSD or SFT training (``algorithm.name``; see ``megatron_opsd.train.loop``).
 
 Runs as a single process, or as every rank of a ``torchrun`` launch for TP / PP / DP
 (``parallel.tp``, ``parallel.pp``; data parallelism is what the world size leaves). A run
@@ -15,6 +15,7 @@ from megatron_opsd.config import ConfigError, config_reference, load_config
 from megatron_opsd.data.packing import PackingError
 from megatron_opsd.data.prompts import PromptError
 from megatron_opsd.data.sources import DataError
+from megatron_opsd.fileio import CheckpointError
 from megatron_opsd.rollout.engine import ProbeMismatchError
 
 
@@ -23,7 +24,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path, help="YAML config (keys below)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. steps=50 optim.lr=1e-5")
-    p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, PackingError, ProbeMismatchError))
+    p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, PackingError, ProbeMismatchError,
+                                         CheckpointError))
     _reference_on_help(p)
 
 
@@ -59,5 +61,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     write_report(Path(cfg.run_dir) / "summary.json", summary)
     shown = {k: v for k, v in summary["metrics"].items() if k in ("loss", "grad_norm")} | summary["eval"]
-    print(f"train: {cfg.algorithm} {summary['steps']} steps, " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    print(f"train: {cfg.algorithm.name} {summary['steps']} steps, " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     return 0

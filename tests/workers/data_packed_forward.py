@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from megatron_opsd.data.packing import PackingConfig, pack_pairs
+from megatron_opsd.data.packing import PackingConfig, pack_samples
 from megatron_opsd.data.prompts import PromptBuilder, PromptConfig
+from megatron_opsd.data.sample import Sample
 from megatron_opsd.data.sources import Problem
 from megatron_opsd.models import attention_mask, build_model
 from megatron_opsd.parallel import Layout, initialize
@@ -29,7 +30,7 @@ def setup() -> None:
     MODEL.eval()
 
 
-def pairs():
+def samples() -> list[Sample]:
     tok = AutoTokenizer.from_pretrained(REPO / "data" / "tokenizer")
     builder = PromptBuilder(tok, PromptConfig(teacher_think_opener="<think>\n"))
     g = torch.Generator().manual_seed(0)
@@ -38,21 +39,23 @@ def pairs():
     out = []
     for i, row in enumerate(rows):
         response = torch.randint(0, len(tok), (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
-        out.append(builder.pair(Problem(i, row["problem"], row["solution"], row["answer"]), response))
+        problem = Problem(i, row["problem"], row["solution"], row["answer"])
+        out.append(Sample(tuple(builder.student_ids(problem)), tuple(response),
+                          teacher_prompt_ids=tuple(builder.teacher_ids(problem))))
     return out
 
 
 @torch.no_grad()
 def run(output: str) -> None:
-    data = pairs()
+    data = samples()
     # Budgets that force several samples per micro-batch and several micro-batches; TP-style padding.
-    batches = pack_pairs(data, PackingConfig(tokens_per_micro_batch=400, teacher_tokens_per_micro_batch=800),
+    batches = pack_samples(data, PackingConfig(tokens_per_micro_batch=400, teacher_tokens_per_micro_batch=800),
                          pad_multiple=8, pad_id=0)
     assert len(batches) >= 2 and max(len(mb.sample_ids) for mb in batches) >= 2
     for mb in batches:
         for side, ids_of, start_of in (
-            (mb.student, lambda p: p.student_ids, lambda p: p.student_response_start),
-            (mb.teacher, lambda p: p.teacher_ids, lambda p: p.teacher_response_start),
+            (mb.student, lambda s: s.student_ids, lambda s: len(s.prompt_ids)),
+            (mb.teacher, lambda s: s.teacher_ids, lambda s: len(s.teacher_prompt_ids)),
         ):
             packed = MODEL(side.tokens[None], side.position_ids[None], side.attention_mask(), output=output)[0]
             packed = packed[side.predict_positions]

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from megatron_opsd.models import attention_mask, build_model, checkpoint
-from megatron_opsd.models.bridge import export_hf_tensors, load_hf_weights
+from megatron_opsd.models.bridge import load_hf_weights, model_hf_tensors, stage_hf_tensors, write_hf_model
 from megatron_opsd.models.forward import forward_only
-from megatron_opsd.models.hf_io import atomic_output_dir, copy_non_weight_files, write_hf_shards
+from megatron_opsd.models.hf_io import copy_non_weight_files
 from megatron_opsd.parallel import Layout, initialize
 from tests.distributed import run_checks
 from tests.tiny_models import CONFIGS, save_tiny_model
@@ -92,11 +92,29 @@ def check_parity(layout: Layout) -> None:
             assert torch.equal(weight[: max(0, min(rows, 1000 - lo))], full[lo : lo + rows])
         expected = {k for k in ref_state if not (k == "lm_head.weight" and CONFIGS[name].tie_word_embeddings)}
         seen = set()
-        for hf_name, tensor in export_hf_tensors(chunks):
+        for hf_name, tensor in model_hf_tensors(chunks):
             assert hf_name not in seen, f"{hf_name} exported twice"
             seen.add(hf_name)
             assert torch.equal(tensor, ref_state[hf_name]), f"{name} {layout}: exported {hf_name} differs"
-        assert seen == expected, f"{name} {layout}: missing {expected - seen}, extra {seen - expected}"
+        if dist.get_rank() == 0:  # the whole model arrives on rank 0, nothing elsewhere
+            assert seen == expected, f"{name} {layout}: missing {expected - seen}, extra {seen - expected}"
+        else:
+            assert not seen, f"{name} {layout}: rank {dist.get_rank()} received {sorted(seen)[:3]}"
+        # Each stage's sender (its first TP rank) yields exactly its own layers; together, the model.
+        own = {}
+        for hf_name, tensor in stage_hf_tensors(chunks):
+            assert torch.equal(tensor, ref_state[hf_name]), f"{name} {layout}: stage tensor {hf_name} differs"
+            own[hf_name] = tensor
+        if ps.get_tensor_model_parallel_rank() != 0:
+            assert not own, f"{name} {layout}: a non-sender TP rank yielded {sorted(own)[:3]}"
+        stages = [None] * dist.get_world_size()
+        dist.all_gather_object(stages, sorted(own))
+        names = [n for s in stages for n in s]
+        assert len(names) == len(set(names)) and set(names) == expected, f"{name} {layout}: stage exports overlap or miss"
+        layers = {int(n.split(".")[2]) for n in own if n.startswith("model.layers.")}
+        if own and layout.pp > 1:
+            first = ps.get_pipeline_model_parallel_rank() * (2 // layout.pp)
+            assert layers == set(range(first, first + 2 // layout.pp)), f"stage holds layers {layers}"
 
 
 def check_parity_tp1() -> None:
@@ -198,14 +216,8 @@ def check_roundtrip_bitwise() -> None:
         chunks = build_model(checkpoint.hf_config_dir(ckpt))
         checkpoint.load(chunks, ckpt)
         out = WORK / f"rt_{name}_hf"
-        with atomic_output_dir(out) as tmp:
-            tensors = export_hf_tensors(chunks)
-            if dist.get_rank() == 0:
-                write_hf_shards(tensors, tmp, max_shard_bytes=100_000)
-                copy_non_weight_files(checkpoint.hf_config_dir(ckpt), tmp)
-            else:
-                for _ in tensors:
-                    pass
+        write_hf_model(chunks, out, lambda tmp, ckpt=ckpt: copy_non_weight_files(checkpoint.hf_config_dir(ckpt), tmp),
+                       max_shard_bytes=100_000)
         original, converted = {}, {}
         for f in src.glob("*.safetensors"):
             original.update(load_file(f))

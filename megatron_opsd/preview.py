@@ -3,7 +3,8 @@
 Renders the student and teacher prompts of the first N problems training would draw, with token
 counts; measures prompt lengths and the length policy over the whole data set; reports the packing
 efficiency with each reference solution (+ EOS) standing in for the rollout. Any validation error
-of the data set fails the command with the message that names the row and field.
+of the data set fails the command with the message that names the row and field. A whole training
+config is validated as such (so it sits beside the ``opsd`` entry point, above ``train``).
 """
 from __future__ import annotations
 

@@ -1,0 +1,125 @@
+"""Weight sync: how the trainer's weights reach the rollout engine, and the check that they did.
+
+A :class:`WeightSync` owns the whole push of one version: export the weights, hand them to the
+engine (pausing it where it has requests in flight), bump its version, then run the probe check.
+It is collective: every trainer rank calls :meth:`WeightSync.push`, and the exporter's
+communication stays on the trainer's side; engines only ever see a stream of HF-named tensors.
+
+Strategies (``rollout.sync.kind``):
+- ``inprocess``: the embedded engine in global rank 0's process; the whole model is gathered on
+  rank 0 (:func:`~megatron_opsd.models.bridge.model_hf_tensors`) and copied in tensor by tensor.
+- ``none``: the engine's rollouts do not come from the trainer's weights (recorded rollouts).
+
+Probe check: the engine's log-probs of a fixed probe sequence (the first training problem's
+prompt and solution) must match the trainer's own Megatron forward within a tolerance; otherwise
+:class:`~megatron_opsd.rollout.engine.ProbeMismatchError` stops the run before a wrong weight
+mapping can train anything.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.utils import unwrap_model
+from pydantic import Field
+
+from megatron_opsd.models.bridge import drain, model_hf_tensors
+from megatron_opsd.models.forward import forward_only
+from megatron_opsd.models.gpt import attention_mask
+from megatron_opsd.parallel import broadcast_from_rank0
+from megatron_opsd.rollout.embedded import EmbeddedEngine
+from megatron_opsd.rollout.engine import ProbeMismatchError, RolloutEngine
+from megatron_opsd.section import Section
+
+
+class SyncConfig(Section):
+    kind: Literal["inprocess", "none"] = Field(
+        default="inprocess", description="inprocess: stream the weights into the embedded engine in rank 0's "
+        "process; none: the engine's rollouts do not depend on the trainer's weights (recorded rollouts)")
+    interval: int = Field(default=1, ge=1, description="steps between weight syncs into the engine (k)")
+    probe_tolerance: float = Field(
+        default=1e-2, gt=0, description="max |engine - trainer| log-prob on the probe sequence after a sync "
+        "(fp32 agrees to ~1e-5; bf16 needs more)")
+    probe_tokens: int = Field(default=64, ge=2, description="length of the probe sequence (a training prompt + its solution)")
+
+
+class WeightSync(Protocol):
+    def push(self, version: int) -> dict[str, float]:
+        """Bring the trainer's current weights to the engine as ``version`` and check them;
+        collective over every trainer rank. Returns the sync's metrics."""
+
+
+class ProbeCheck:
+    """The engine's log-probs of ``ids`` against the trainer's forward (collective over the trainer).
+
+    ``temperature`` is the one the engine reports log-probs at; ``ids`` are cut to a multiple of
+    the TP size (sequence parallelism splits the sequence by it).
+    """
+
+    def __init__(self, chunks: Sequence[torch.nn.Module], ids: Sequence[int], temperature: float, tolerance: float,
+                 vocab_size: int):
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.chunks = [unwrap_model(c) for c in chunks]
+        self.ids = list(ids)[:len(ids) - len(ids) % tp]
+        self.temperature, self.tolerance, self.vocab_size = temperature, tolerance, vocab_size
+
+    def __call__(self, engine: RolloutEngine | None, version: int) -> float:
+        """Max |engine - trainer| log-prob over the probe; raises ProbeMismatchError above the tolerance."""
+        ids, temperature = self.ids, self.temperature
+        from_engine = broadcast_from_rank0(lambda: engine.logprobs([ids], temperature)[0])
+        tokens = torch.tensor([ids])
+        device = next(self.chunks[0].parameters()).device
+        mb = {"input_ids": tokens, "position_ids": torch.arange(len(ids))[None],
+              "attention_mask": attention_mask(torch.zeros_like(tokens))}
+        out = forward_only(self.chunks, [{k: v.to(device) for k, v in mb.items()}], output="logits", gather_logits=True)
+        worst = torch.zeros((), dtype=torch.float64, device=device)
+        if out is not None:
+            logits = out[0][0, :-1, :self.vocab_size].float() / temperature
+            trainer = torch.log_softmax(logits, -1).gather(-1, tokens[0, 1:, None].to(device))[:, 0].cpu()
+            worst.fill_(float((trainer - from_engine).abs().max()))
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        if not worst <= self.tolerance:
+            raise ProbeMismatchError(
+                f"after weight sync {version}, the engine's log-probs of the probe sequence ({len(ids)} tokens) "
+                f"differ from the trainer's by up to {float(worst):.3g} > rollout.sync.probe_tolerance="
+                f"{self.tolerance}: the weights did not arrive intact (wrong HF name mapping, shape or dtype); "
+                f"stopping before training on rollouts of a different model")
+        return float(worst)
+
+
+class InProcessSync:
+    """Streams the whole model into an :class:`EmbeddedEngine` living in global rank 0's process
+    (``engine`` is None on every other rank)."""
+
+    def __init__(self, engine: EmbeddedEngine | None, chunks: Sequence[torch.nn.Module], probe: ProbeCheck):
+        self.engine, self.chunks, self.probe = engine, [unwrap_model(c) for c in chunks], probe
+
+    def push(self, version: int) -> dict[str, float]:
+        start = time.perf_counter()
+        stream = model_hf_tensors(self.chunks)
+
+        def load() -> None:
+            try:
+                self.engine.update_weights(stream, version)
+            finally:
+                drain(stream)  # also after a refusal: the other ranks are in the exporter's collectives
+
+        if self.engine is None:
+            drain(stream)
+        broadcast_from_rank0(load)
+        seconds = time.perf_counter() - start
+        return {"time/weight_sync": seconds, "probe/logprob_abs_diff_max": self.probe(self.engine, version)}
+
+
+def build_weight_sync(cfg: SyncConfig, engine: RolloutEngine | None, chunks: Sequence[torch.nn.Module],
+                      probe: ProbeCheck) -> WeightSync | None:
+    """The strategy ``cfg.kind`` names; None for ``none``. ``engine`` is this rank's (None off rank 0)."""
+    if cfg.kind == "none":
+        return None
+    if engine is not None and not isinstance(engine, EmbeddedEngine):
+        raise ValueError(f"rollout.sync.kind=inprocess feeds the embedded engine, not {type(engine).__name__}")
+    return InProcessSync(engine, chunks, probe)

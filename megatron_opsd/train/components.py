@@ -1,0 +1,122 @@
+"""The parts one training run is made of, built from its config in one place.
+
+:func:`build_components` reads a :class:`TrainConfig` and returns :class:`Components`: data,
+model, optimizer, algorithm, step runner, rollout engine, weight sync, and the hooks checkpoints
+need. The loop (``train/loop.py``) only uses them. A test builds them the same way and replaces
+one part (``dataclasses.replace(components, weight_sync=Counting())``) instead of patching
+product code; a part that another holds must be replaced together with it (the weight sync holds
+the engine).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from transformers import AutoTokenizer, PretrainedConfig
+
+from megatron_opsd.algorithms.base import Algorithm
+from megatron_opsd.algorithms.factory import build_algorithm
+from megatron_opsd.config import ConfigError
+from megatron_opsd.data.prompts import PromptBuilder
+from megatron_opsd.data.sources import Problem, ProblemIterator, load_problems
+from megatron_opsd.models import build_model
+from megatron_opsd.models.bridge import load_hf_weights
+from megatron_opsd.models.checkpoint import ShardedStateful, Stateful
+from megatron_opsd.parallel import Layout, initialize
+from megatron_opsd.rollout.engine import RolloutEngine, SamplingParams
+from megatron_opsd.rollout.factory import build_engine
+from megatron_opsd.rollout.sync import ProbeCheck, WeightSync, build_weight_sync
+from megatron_opsd.train.checkpoint import ModelState, OptimizerState, RNGState
+from megatron_opsd.train.config import TrainConfig
+from megatron_opsd.train.optim import build_optimizer, use_distributed_optimizer, wrap_for_training
+from megatron_opsd.train.step import StepRunner
+
+
+@dataclass
+class Components:
+    """Everything one run is made of, on this rank."""
+
+    cfg: TrainConfig
+    tokenizer: Any
+    hf_config: PretrainedConfig
+    prompts: PromptBuilder
+    data: ProblemIterator            # the training problems, drawn in a resumable order
+    eval_problems: list[Problem]     # held-out problems (empty: no evaluation)
+    chunks: list[torch.nn.Module]    # this rank's model chunks, DDP-wrapped
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+    algorithm: Algorithm
+    runner: StepRunner
+    sampling: SamplingParams         # the rollouts' sampling (each step sets n and its own seed)
+    engine: RolloutEngine | None     # on global rank 0 when the run needs one, else None
+    weight_sync: WeightSync | None   # on every rank when the engine samples from the trainer's weights
+    pad_multiple: int                # packed rows are padded to it (sequence parallelism splits by TP)
+    pad_id: int
+
+    def states(self) -> dict[str, Stateful | ShardedStateful]:
+        """The checkpoint parts of this run, by name."""
+        return {"model": ModelState(self.chunks), "optimizer": OptimizerState(self.optimizer, self.chunks),
+                "scheduler": self.scheduler, "data": self.data, "runner": self.runner, "rng": RNGState(),
+                **self.algorithm.states()}
+
+    def write_hf_files(self, out: Path) -> None:
+        """The model's HF config and the tokenizer: what an HF export or a checkpoint needs besides the
+        weights. The config's dtype is the training dtype, which the weights are in."""
+        config = copy.deepcopy(self.hf_config)
+        config.dtype = getattr(torch, self.cfg.model.dtype)
+        config.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+
+
+def build_components(cfg: TrainConfig) -> Components:
+    """Initialize the parallel layout and build every part of the run ``cfg`` describes.
+
+    Data comes first: a bad row should fail before minutes of model building.
+    """
+    initialize(Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp), seed=cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)
+    prompts = PromptBuilder(tokenizer, cfg.prompts)
+    problems = load_problems(cfg.data)
+    eval_problems = list(load_problems(cfg.eval.data).problems[:cfg.eval.limit]) if cfg.eval.data is not None else []
+    sampling = cfg.rollout.params(tokenizer)
+
+    hf_config = cfg.model.hf_config()
+    if len(tokenizer) > hf_config.vocab_size:
+        raise ConfigError(f"tokenizer {cfg.tokenizer} has {len(tokenizer)} tokens, more than the model's "
+                          f"vocab_size={hf_config.vocab_size}")
+    chunks = build_model(hf_config, getattr(torch, cfg.model.dtype))
+    if cfg.model.hf is not None:
+        load_hf_weights(chunks, cfg.model.hf)
+    chunks = wrap_for_training(chunks, chunks[0].config, use_distributed_optimizer(cfg.optim))
+    optimizer, scheduler = build_optimizer(cfg.optim, chunks, cfg.steps)
+    logprob_temperature = cfg.rollout.temperature or 1.0  # an engine reports T=1 log-probs for greedy
+    algorithm = build_algorithm(cfg.algorithm, chunks, prompts, sampling.stop_token_ids, hf_config.vocab_size,
+                                logprob_temperature)
+    runner = StepRunner(chunks, optimizer, scheduler, algorithm, cfg.step)
+
+    needs_engine = algorithm.rollouts_per_prompt > 0 or bool(eval_problems)
+    engine = build_engine(cfg.rollout.engine, hf_config) if needs_engine and dist.get_rank() == 0 else None
+    weight_sync = None
+    if needs_engine:
+        probe = ProbeCheck(chunks, _probe_ids(cfg, prompts, problems.problems[0], sampling.stop_token_ids),
+                           logprob_temperature, cfg.rollout.sync.probe_tolerance, hf_config.vocab_size)
+        weight_sync = build_weight_sync(cfg.rollout.sync, engine, chunks, probe)
+    return Components(
+        cfg=cfg, tokenizer=tokenizer, hf_config=hf_config, prompts=prompts,
+        data=ProblemIterator(problems, cfg.data.seed, cfg.data.shuffle), eval_problems=eval_problems,
+        chunks=chunks, optimizer=optimizer, scheduler=scheduler, algorithm=algorithm, runner=runner,
+        sampling=sampling, engine=engine, weight_sync=weight_sync,
+        pad_multiple=cfg.parallel.tp if chunks[0].config.sequence_parallel else 1, pad_id=tokenizer.pad_token_id or 0)
+
+
+def _probe_ids(cfg: TrainConfig, prompts: PromptBuilder, problem: Problem, end_ids: tuple[int, ...]) -> list[int]:
+    """The probe sequence: the first training problem's prompt and solution (and end-of-turn)."""
+    ids = prompts.student_ids(problem) + prompts.tokenizer.encode(problem.solution, add_special_tokens=False)
+    return (ids + list(end_ids))[:cfg.rollout.sync.probe_tokens]
+

@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+
+from megatron_opsd.processes import RunStopped, end_children_with_this_process
 
 COMMAND_MODULES: tuple[str, ...] = (
     "megatron_opsd.preview",  # opsd data preview
@@ -47,10 +50,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    end_children_with_this_process()
     try:
         return args.func(args)
+    except RunStopped as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"opsd: {stop}", file=sys.stderr)
+        return stop.exit_code
     except args.user_errors as exc:
-        print(f"opsd: error: {exc}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank meets the same error: say it once
+            print(f"opsd: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -26,12 +26,26 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+class LayoutError(ConfigError):
+    """A parallel layout that does not fit the world size or the model (parallel.tp / parallel.pp)."""
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML, so ``3``/``true``/``[1,2]`` work)."""
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML, so ``3``/``true``/``[1,2]`` work).
+
+    Text that is not YAML, and braces YAML would read as a mapping of keys without values (prompt
+    templates such as ``{problem}``), stay the text they are.
+    """
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key=value")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, dict) and value and all(v is None for v in value.values()):
+        value = raw
+    return key.strip().split("."), value
 
 
 @dataclass(frozen=True)

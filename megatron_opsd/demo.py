@@ -12,7 +12,8 @@ CONFIG is an OPSD training config (``examples/tiny_cpu.yaml``) with held-out ``e
    baseline), evaluated at the end.
 
 It prints, last, ``demo: base B% -> opsd O% (sft S%) in T s`` (eval ``avg@k``) and writes the same
-numbers to ``run_dir/summary.json``.
+numbers to ``run_dir/summary.json``. A demo that was stopped or killed resumes when started again
+with the same settings: each phase continues from its own checkpoints (a finished one is skipped).
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from megatron_opsd.data.prompts import PromptError
 from megatron_opsd.data.sources import DataError
 from megatron_opsd.fileio import CheckpointError
 from megatron_opsd.rollout.engine import ProbeMismatchError
+
+DEMO_FILE = "demo.json"  # the settings of the demo a run directory holds
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -47,15 +50,42 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _phase(base: Any, root: Path, name: str, **update: Any) -> Any:
-    """``base`` with its own run and checkpoint directories under ``root/name``, plus ``update``."""
-    run_dir = root / name
-    checkpoint = base.checkpoint.model_copy(update={"dir": str(run_dir / "checkpoints"), "load": None})
-    return base.model_copy(update={"run_dir": str(run_dir), "checkpoint": checkpoint, **update})
+    """``base`` with its own run directory (its checkpoints under it) ``root/name``, plus ``update``."""
+    checkpoint = base.checkpoint.model_copy(update={"dir": None, "load": None})
+    return base.model_copy(update={"run_dir": str(root / name), "checkpoint": checkpoint, **update})
 
 
 def _algorithm(base: Any, name: str, sft: Any) -> Any:
     """``base``'s algorithm section with algorithm ``name`` and SFT settings ``sft``."""
     return base.algorithm.model_copy(update={"name": name, "sft": sft})
+
+
+def _claim(root: Path, settings: dict[str, Any]) -> bool:
+    """Take ``root`` for a demo of ``settings``; True when it holds one of the same settings already,
+    which is then resumed (each phase from its own checkpoints). Any other non-empty directory is
+    refused, with what to do."""
+    from megatron_opsd.eval.evaluate import write_report
+    from megatron_opsd.train.config import config_differences
+
+    marker = root / DEMO_FILE
+    if root.exists() and any(root.iterdir()):
+        if not marker.is_file():
+            raise ConfigError(f"run_dir {root} is not empty and holds no demo: set run_dir=NEW_DIR (or delete {root})")
+        previous = json.loads(marker.read_text())
+        differences = config_differences(previous["config"], settings["config"]) + [
+            f"warm-up {k}: {previous['warmup'].get(k)!r} -> {v!r}"
+            for k, v in settings["warmup"].items() if previous["warmup"].get(k) != v]
+        if differences:
+            raise ConfigError(f"run_dir {root} holds a demo with other settings ({'; '.join(differences)}): delete "
+                              f"{root} to start it over, or set run_dir=NEW_DIR")
+        return True
+    write_report(marker, settings)
+    return False
+
+
+def _final(run_dir: Path, metric: str, step: int) -> float:
+    """A phase's held-out accuracy at ``step``, from its eval report (also when the phase had finished before)."""
+    return json.loads((run_dir / "eval" / f"step_{step:06d}.json").read_text())["metrics"][metric]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,8 +101,11 @@ def run(args: argparse.Namespace) -> int:
     if base.eval.data is None:
         raise ConfigError(f"{args.config}: the demo needs held-out problems in eval.data")
     root = Path(base.run_dir)
-    if root.exists() and any(root.iterdir()):
-        raise ConfigError(f"run_dir {root} is not empty: the demo starts from scratch (set run_dir=NEW_DIR)")
+    warmup_args = {"steps": args.warmup_steps, "lr": args.warmup_lr, "prompts_per_step": args.warmup_prompts_per_step,
+                   "teacher_prompt_fraction": args.warmup_teacher_fraction}
+    resumed = _claim(root, {"config": base.model_dump(mode="json"), "warmup": warmup_args})
+    if resumed:
+        print(f"demo: resuming the demo in {root}")
     metric = f"avg@{base.eval.k}"
 
     warmup_optim = base.optim.model_copy(update={
@@ -85,18 +118,17 @@ def run(args: argparse.Namespace) -> int:
     train(warmup)
     warm = ModelConfig(hf=str(root / "warmup" / "hf"), dtype=base.model.dtype)
     at_start = base.eval.model_copy(update={"at_start": True})
-    opsd = train(_phase(base, root, "opsd", model=warm, eval=at_start))
-    sft = train(_phase(base, root, "sft", algorithm=_algorithm(base, "sft", base.algorithm.sft), model=warm))
+    train(_phase(base, root, "opsd", model=warm, eval=at_start))
+    train(_phase(base, root, "sft", algorithm=_algorithm(base, "sft", base.algorithm.sft), model=warm))
 
-    base_report = json.loads((root / "opsd" / "eval" / "step_000000.json").read_text())
     summary = {
         "metric": metric,
-        "base": base_report["metrics"][metric],
-        "opsd": opsd["eval"][f"eval/{metric}"],
-        "sft": sft["eval"][f"eval/{metric}"],
+        "base": _final(root / "opsd", metric, 0),
+        "opsd": _final(root / "opsd", metric, base.steps),
+        "sft": _final(root / "sft", metric, base.steps),
         "seconds": round(time.perf_counter() - start, 1),
-        "warmup": {"steps": args.warmup_steps, "lr": args.warmup_lr, "prompts_per_step": args.warmup_prompts_per_step,
-                   "teacher_prompt_fraction": args.warmup_teacher_fraction},
+        "resumed": resumed,
+        "warmup": warmup_args,
         "steps": base.steps,
         "prompts_per_step": base.prompts_per_step,
     }

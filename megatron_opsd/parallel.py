@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+from megatron_opsd.config import LayoutError
 from megatron_opsd.platform import Platform, current_device, init_process_group
 
 T = TypeVar("T")
@@ -35,7 +36,8 @@ class Layout:
     def dp(self, world_size: int) -> int:
         model_parallel = self.tp * self.pp * self.cp
         if world_size % model_parallel:
-            raise ValueError(f"world size {world_size} is not divisible by tp*pp*cp = {model_parallel}")
+            raise LayoutError(f"world size {world_size} is not divisible by tp*pp*cp = {model_parallel}: launch a "
+                              f"multiple of {model_parallel} ranks, or change parallel.tp / parallel.pp")
         return world_size // model_parallel
 
 
@@ -48,7 +50,7 @@ def initialize(layout: Layout = Layout(), seed: int = 1234) -> Platform:
     platform = init_process_group()
     layout.dp(dist.get_world_size())
     if not platform.is_cuda and layout.cp > 1:
-        raise ValueError("context parallelism needs Transformer Engine attention (CUDA); use cp=1 on CPU")
+        raise LayoutError("context parallelism needs Transformer Engine attention (CUDA); use cp=1 on CPU")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(

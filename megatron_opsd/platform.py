@@ -66,11 +66,12 @@ def init_process_group(timeout_s: float = 1800) -> Platform:
     else:
         _adapt_megatron_to_cpu()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(
-                RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-            )
-        dist.init_process_group(platform.backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "RANK" in os.environ:  # torchrun (or another launcher) set up the rendezvous
+            dist.init_process_group(platform.backend, timeout=timeout)
+        else:  # a world of one, on a free local port; the environment stays as it was for child processes
+            dist.init_process_group(platform.backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1, timeout=timeout)
     return platform
 
 

@@ -16,8 +16,9 @@ import yaml
 
 from megatron_opsd.config import ConfigError, load_config
 from megatron_opsd.data.packing import PackingConfig, PackingError, assign_micro_batches
-from megatron_opsd.data.prompts import PromptBuilder, PromptConfig, PromptError
+from megatron_opsd.data.prompts import PromptBuilder, PromptConfig, PromptError, load_tokenizer
 from megatron_opsd.data.sources import DataConfig, DataError, ProblemIterator, load_problems
+from megatron_opsd.eval.evaluate import unparseable_references
 from megatron_opsd.section import Section
 
 
@@ -64,14 +65,16 @@ def load_preview_config(path: Path, overrides: list[str]) -> PreviewConfig:
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
-    from transformers import AutoTokenizer
 
     cfg = load_preview_config(args.config, args.overrides)
-    problems = load_problems(cfg.data)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer)
     builder = PromptBuilder(tokenizer, cfg.prompts)
+    problems = builder.fitting(load_problems(cfg.data), cfg.data.on_invalid_row)  # as training loads them
     p = cfg.prompts
     print(f"data: {problems.label}: {problems.num_rows} rows, {len(problems)} usable, {problems.num_skipped} skipped")
+    ungradable = unparseable_references(problems.problems)
+    print(f"gold answers math-verify cannot parse (graded as text only): {len(ungradable)}"
+          + (f", rows {ungradable[:10]}{' ...' if len(ungradable) > 10 else ''}" if ungradable else ""))
     print(f"tokenizer: {cfg.tokenizer} ({len(tokenizer)} tokens)")
     print(f"prompts: template {p.template}, student thinking {'on' if p.student_thinking else 'off'}, "
           f"teacher thinking {'on' if p.teacher_thinking else 'off'}, limits {p.max_student_prompt_tokens} / "

@@ -26,7 +26,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from megatron_opsd.algorithms.opsd import OPSD, OPSDConfig
 from megatron_opsd.algorithms.sft import SFT, SFTConfig
 from megatron_opsd.cli import main, parse
-from megatron_opsd.config import load_config
 from megatron_opsd.data.prompts import PromptBuilder, PromptConfig
 from megatron_opsd.data.sources import DataConfig, ProblemIterator, load_problems
 from megatron_opsd.fileio import write_manifest
@@ -37,10 +36,10 @@ from megatron_opsd.rollout.recorded import RecordedRolloutEngine
 from megatron_opsd.rollout.sync import InProcessSync
 from megatron_opsd.tracking import read_metrics
 from megatron_opsd.train.components import build_components
-from megatron_opsd.train.config import TrainConfig
 from megatron_opsd.train.loop import train
 from tests.distributed import _free_port
 from tests.tiny_models import save_tiny_model
+from tests.train_configs import load_train, losses, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,36 +56,6 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     return save_tiny_model("qwen3", tmp_path_factory.mktemp("model") / "hf")  # vocab 1000 >= the tokenizer's 752
-
-
-def write_config(tmp_path: Path, hf_dir: Path, **top) -> Path:
-    cfg = {
-        "run_dir": str(tmp_path / "run"), "seed": 3, "steps": 3, "prompts_per_step": 3,
-        "tokenizer": str(REPO / "data/tokenizer"), "model": {"hf": str(hf_dir)},
-        "data": {"path": str(REPO / "data/arith/train.jsonl")},
-        "prompts": {"max_student_prompt_tokens": 128, "max_teacher_prompt_tokens": 384},
-        "packing": {"tokens_per_micro_batch": 256, "teacher_tokens_per_micro_batch": 512},
-        "rollout": {"max_new_tokens": 12, "stop_tokens": ["<|im_end|>"],
-                    "sync": {"probe_tolerance": 1e-3, "probe_tokens": 48}},
-        "optim": {"lr": 1e-3, "clip_grad": 1.0},
-        "checkpoint": {"dir": str(tmp_path / "run" / "ckpt"), "interval": 1, "keep_last": 2},
-        "eval": {"data": {"path": str(REPO / "data/arith/test.jsonl"), "shuffle": False}, "limit": 2, "k": 1,
-                 "temperature": 0.0, "max_new_tokens": 8, "stop_tokens": ["<|im_end|>"]},
-        "tracking": {"wandb": False, "progress": False},
-        **top,
-    }
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def load_train(path: Path, *overrides: str) -> TrainConfig:
-    return load_config(TrainConfig, path, list(overrides))
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
 
 
 def test_opsd_resume_reproduces_the_uninterrupted_run(tmp_path, hf_dir):
@@ -273,8 +242,14 @@ def test_demo_runs_warmup_opsd_and_sft_and_prints_the_summary_line(tmp_path, hf_
     assert re.fullmatch(r"demo: base \d+\.\d% -> opsd \d+\.\d% \(sft \d+\.\d%\) in \d+ s", last)
     assert (tmp_path / "run" / "warmup" / "hf" / "config.json").is_file()
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "opsd" / "metrics.jsonl")] == [0, 1]
-    assert main(["demo", str(path)]) == 2  # a used run directory is refused
-    assert "is not empty" in capsys.readouterr().err
+    # Started again with the same settings it resumes: every phase has finished, the same line again.
+    assert main(["demo", str(path), "--warmup-steps", "1", "--warmup-prompts-per-step", "3"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "demo: resuming the demo in" in out[0] and out[-1].split(" in ")[0] == last.split(" in ")[0]
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "opsd" / "metrics.jsonl")] == [0, 1]
+    assert main(["demo", str(path)]) == 2  # other settings in the same directory are refused, by name
+    assert "holds a demo with other settings (warm-up steps: 1 -> 600; warm-up prompts_per_step: 3 -> 32)" in \
+        capsys.readouterr().err
 
 
 def test_the_shipped_demo_config_runs_the_demo_reproducibly(tmp_path, monkeypatch, capsys):
@@ -331,7 +306,7 @@ def test_recorded_rollouts_and_a_counting_sync_replace_the_engine_and_the_sync(t
     """The engine comes from the factory (rollout.engine.kind=recorded); the sync is replaced as a
     component: the loop pushes before step 1 and every rollout.sync.interval steps, and trains on
     exactly the recorded rollouts."""
-    cfg = load_train(write_config(tmp_path, hf_dir, steps=5, eval={"data": None}, checkpoint={"dir": None}),
+    cfg = load_train(write_config(tmp_path, hf_dir, steps=5, eval={"data": None}, checkpoint={"enabled": False}),
                      "rollout.engine.kind=recorded", f"rollout.engine.path={tmp_path / 'rollouts.jsonl'}",
                      "rollout.sync.kind=none", "rollout.sync.interval=2")
     builder = PromptBuilder(AutoTokenizer.from_pretrained(cfg.tokenizer), cfg.prompts)
@@ -389,9 +364,9 @@ def test_two_ranks_reproduce_the_single_process_run(tmp_path, hf_dir, layout):
     """Under torchrun: rollouts on rank 0 broadcast, the exporter and probe as collectives, the
     vocab-parallel log-probs (TP) and the last-stage metrics (PP) give the single-process numbers."""
     path = write_config(tmp_path, hf_dir, steps=2)
-    assert main(["train", str(path), "checkpoint.dir=null"]) == 0
+    assert main(["train", str(path), "checkpoint.enabled=false"]) == 0
     single = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    proc = torchrun_train(path, layout, "checkpoint.dir=null", f"run_dir={tmp_path / 'two'}")
+    proc = torchrun_train(path, layout, "checkpoint.enabled=false", f"run_dir={tmp_path / 'two'}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     two = read_metrics(tmp_path / "two" / "metrics.jsonl")
     for a, b in zip(single, two, strict=True):

@@ -11,15 +11,17 @@ A rollout's response token ids follow both prompts as ids, never re-tokenized te
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import string
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from megatron_opsd.data.sources import Problem
+from megatron_opsd.data.sources import Problem, ProblemSet
 from megatron_opsd.section import Section
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,19 @@ class PromptLengthError(PromptError):
     """A prompt over its token limit that the length policy may not shorten."""
 
 
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved in a local directory (nothing is downloaded); a missing or unreadable one
+    is a PromptError naming the directory."""
+    from transformers import AutoTokenizer  # slow to import: only when a tokenizer is needed
+
+    if not Path(path).is_dir():
+        raise PromptError(f"tokenizer {path}: no such directory")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise PromptError(f"tokenizer {path}: cannot load it: {exc}") from exc
+
+
 class PromptBuilder:
     """Renders and tokenizes prompts for any HF tokenizer with a chat template; applies the length policy.
 
@@ -211,3 +226,37 @@ class PromptBuilder:
                 "row %d: reference solution trimmed to %d of %d tokens to fit prompts.max_teacher_prompt_tokens=%d "
                 "(counted in stats['teacher_solution_trimmed'])", item.index, lo - 1, len(solution_ids), limit)
         return best
+
+    def fitting(self, problems: ProblemSet, on_invalid_row: Literal["error", "skip"] = "error") -> ProblemSet:
+        """``problems`` without the rows whose prompts can never fit their limits, checked when the data
+        is loaded rather than when a row is drawn: a student prompt over its limit, or a teacher
+        prompt over its limit even with no solution at all (or, with ``overlong_teacher: error``,
+        with its solution). Such rows are an error naming the data set and rows, or with
+        ``on_invalid_row: skip`` dropped and counted."""
+        texts = [self.student_text(p.problem) for p in problems.problems]
+        solutions = ["" if self.cfg.overlong_teacher == "trim_solution" else p.solution for p in problems.problems]
+        teacher = [self.teacher_text(p.problem, s) for p, s in zip(problems.problems, solutions)]
+        lengths = self.tokenizer(texts + teacher, add_special_tokens=False)["input_ids"]
+        student, teacher = lengths[:len(texts)], lengths[len(texts):]
+        bad: dict[int, str] = {}  # row index -> why
+        for p, s, t in zip(problems.problems, student, teacher):
+            if len(s) > self.cfg.max_student_prompt_tokens:
+                bad[p.index] = (f"row {p.index}: student prompt has {len(s)} tokens > prompts.max_student_prompt_tokens="
+                                f"{self.cfg.max_student_prompt_tokens}")
+            elif len(t) > self.cfg.max_teacher_prompt_tokens:
+                what = "with its solution" if self.cfg.overlong_teacher == "error" else "without any solution"
+                bad[p.index] = (f"row {p.index}: teacher prompt has {len(t)} tokens {what} > "
+                                f"prompts.max_teacher_prompt_tokens={self.cfg.max_teacher_prompt_tokens}")
+        if not bad:
+            return problems
+        reasons = list(bad.values())
+        if on_invalid_row == "error":
+            more = f"\n  ... and {len(reasons) - 20} more" if len(reasons) > 20 else ""
+            raise PromptLengthError(f"{len(reasons)} row(s) of {problems.label} have prompts over their limits (raise "
+                                    f"the limits, or set data.on_invalid_row: skip):\n  " + "\n  ".join(reasons[:20]) + more)
+        kept = tuple(p for p in problems.problems if p.index not in bad)
+        if not kept:
+            raise PromptLengthError(f"{problems.label}: no row has prompts within their limits (first: {reasons[0]})")
+        log.warning("%s: skipped %d row(s) whose prompts exceed their limits (first: %s)", problems.label, len(reasons),
+                    reasons[0])
+        return dataclasses.replace(problems, problems=kept, num_skipped=problems.num_skipped + len(reasons))

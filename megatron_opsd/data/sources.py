@@ -13,6 +13,7 @@ set) or a local jsonl / json / parquet / arrow file, glob, or ``save_to_disk`` d
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -219,13 +220,43 @@ def open_rows(cfg: DataConfig):
     if builder is None:
         raise DataError(
             f"{cfg.path}: unknown file type; expected one of {sorted(_LOCAL_BUILDERS)} or a save_to_disk directory")
-    if not any(path.parent.glob(path.name)):
+    files = sorted(path.parent.glob(path.name))
+    if not files:
         raise DataError(f"{cfg.path}: no such file")
-    return datasets.load_dataset(builder, data_files=str(path), split="train")
+    if all(f.stat().st_size == 0 for f in files):
+        raise DataError(f"{cfg.path}: empty file, no rows")
+    problem = _json_lines_problem(files) if path.suffix == ".jsonl" else None  # datasets would not say where
+    if problem:
+        raise DataError(f"{cfg.path}: {problem}")
+    try:
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except Exception as exc:  # datasets and pyarrow raise many types
+        raise DataError(f"{cfg.path}: cannot read it: {exc}") from exc
+
+
+def _json_lines_problem(files: Sequence[Path]) -> str | None:
+    """What is wrong with JSON Lines files: the first line that is not a JSON object, or that no
+    line holds a row; None if neither."""
+    rows = 0
+    for f in files:
+        with open(f) as lines:
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    return f"{f} line {n} is not valid JSON: {exc}"
+                if not isinstance(row, dict):
+                    return f"{f} line {n} is a JSON {type(row).__name__}, not an object (one row per line)"
+                rows += 1
+    return None if rows else "no rows (only blank lines)"
 
 
 def load_problems(cfg: DataConfig) -> ProblemSet:
     rows = open_rows(cfg)
+    if len(rows) == 0:
+        raise DataError(f"{cfg.label}: no rows")
     mapped = _mapped_paths(cfg.fields)
     absent = [role for role, path in mapped.items() if path.split(".")[0] not in rows.column_names]
     if absent:

@@ -19,9 +19,10 @@ from typing import Any
 from pydantic import Field
 
 from megatron_opsd.config import ConfigError, config_reference, load_config
-from megatron_opsd.data.prompts import PromptBuilder, PromptConfig, PromptError
+from megatron_opsd.data.prompts import PromptBuilder, PromptConfig, PromptError, load_tokenizer
 from megatron_opsd.data.sources import DataConfig, DataError, Problem, load_problems
 from megatron_opsd.eval.evaluate import EvalConfig, evaluate, reference_of, write_report
+from megatron_opsd.fileio import unreadable_safetensors
 from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_opsd.section import Section
 
@@ -56,16 +57,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, ModelError))
 
 
-def load_tokenizer(configured: str | None, model_files: Path) -> Any:
+def model_tokenizer(configured: str | None, model_files: Path) -> Any:
     """The configured tokenizer, else the one saved with the model."""
-    from transformers import AutoTokenizer
-
     if configured is None and not any((model_files / f).is_file() for f in TOKENIZER_FILES):
         raise ModelError(f"{model_files} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); set tokenizer=DIR")
-    try:
-        return AutoTokenizer.from_pretrained(configured or model_files, local_files_only=True)
-    except OSError as exc:
-        raise ModelError(f"cannot load tokenizer {configured or model_files}: {exc}") from exc
+    return load_tokenizer(configured or model_files)
 
 
 def _engine_from_megatron(path: Path, cfg: EmbeddedEngineConfig) -> tuple[EmbeddedEngine, Path]:
@@ -106,6 +102,9 @@ def open_model(path: Path, cfg: EmbeddedEngineConfig) -> tuple[EmbeddedEngine, P
     if not path.is_dir():
         raise ModelError(f"model directory {path} does not exist")
     if (path / "config.json").is_file():
+        damaged = unreadable_safetensors(path)
+        if damaged:
+            raise ModelError(f"cannot load Hugging Face model {path}: " + "; ".join(damaged))
         try:
             return EmbeddedEngine.from_pretrained(path, cfg), path
         except OSError as exc:  # what transformers raises for missing or unreadable files
@@ -142,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     problems = load_problems(cfg.data)
     chosen = list(problems.problems[:cfg.limit])
     engine, model_files = open_model(args.model, cfg.engine)
-    builder = PromptBuilder(load_tokenizer(cfg.tokenizer, model_files), cfg.prompts)
+    builder = PromptBuilder(model_tokenizer(cfg.tokenizer, model_files), cfg.prompts)
     _check_problems(chosen, builder, cfg, engine.context_length, problems.label)
 
     report = evaluate(engine, chosen, builder, cfg.eval, progress=True)

@@ -13,6 +13,7 @@ new tokens; thinking on is the prompt builder's ``eval_thinking`` (default true)
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,9 +26,11 @@ from tqdm import tqdm
 
 from megatron_opsd.data.prompts import PromptBuilder
 from megatron_opsd.data.sources import Problem
-from megatron_opsd.eval.grader import answers_match, extract_boxed, grade
+from megatron_opsd.eval.grader import answers_match, extract_boxed, grade, parses
 from megatron_opsd.fileio import atomic_write_text
 from megatron_opsd.rollout.engine import RolloutEngine, SamplingConfig
+
+log = logging.getLogger(__name__)
 
 
 def _eval_default(name: str, value: Any) -> Any:
@@ -119,6 +122,23 @@ def reference_of(problem: Problem) -> str:
     return boxed
 
 
+def unparseable_references(problems: Sequence[Problem]) -> list[int]:
+    """Rows whose gold answer math-verify cannot read (warned about): a prediction is then right only
+    if it is the same string after normalization, so such rows grade wrong whatever is answered."""
+    rows = []
+    for problem in problems:
+        try:
+            reference = reference_of(problem)
+        except ValueError:
+            continue  # no gold answer at all: evaluate() refuses such a row by name; training needs none
+        if not parses(reference):
+            rows.append(problem.index)
+    if rows:
+        log.warning("%d gold answer(s) math-verify cannot parse, graded by string comparison only: rows %s%s",
+                    len(rows), rows[:10], " ..." if len(rows) > 10 else "")
+    return rows
+
+
 def _batch_seed(seed: int, batch: int) -> int:
     return int(np.random.SeedSequence((seed, batch)).generate_state(1)[0])
 
@@ -141,6 +161,7 @@ def evaluate(
     if not problems:
         raise ValueError("nothing to evaluate: no problems")
     references = [reference_of(p) for p in problems]
+    unparseable = unparseable_references(problems)
     tokenizer = prompt_builder.tokenizer
     rows: list[dict[str, Any]] = []
     starts = range(0, len(problems), cfg.batch_size)
@@ -180,6 +201,7 @@ def evaluate(
         "no_answer_rate": sum(a is None for r in rows for a in r["answers"]) / samples,
         "truncated_rate": sum(f == "length" for r in rows for f in r["finish_reasons"]) / samples,
         "mean_response_tokens": sum(sum(r["response_tokens"]) for r in rows) / samples,
+        "unparseable_references": unparseable,
         "weight_version": engine.weight_version,
         "config": cfg.model_dump(),
         "problems": rows,

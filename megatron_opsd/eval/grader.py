@@ -76,6 +76,12 @@ def _parsed(answer: str) -> tuple:
     return tuple(parse(f"${_strip_delimiters(answer)}$", parsing_timeout=timeout))
 
 
+def parses(answer: str) -> bool:
+    """Whether math-verify reads ``answer`` as math: its parse holds an expression, not only the
+    text itself. An unparseable gold answer matches only answers equal to it as text."""
+    return any(not isinstance(item, str) for item in _parsed(answer))
+
+
 def answers_match(reference: str, answer: str) -> bool:
     """Whether ``answer`` is equivalent to ``reference`` (string-normalized equality, then math-verify)."""
     if normalize(reference) == normalize(answer):

@@ -40,6 +40,7 @@ from pydantic import Field, model_validator
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from megatron_opsd.config import LayoutError
 from megatron_opsd.models.architectures import (
     Architecture,
     UnsupportedConfigError,
@@ -63,14 +64,25 @@ class ModelConfig(Section):
             raise ValueError("set exactly one of model.hf (a checkpoint directory) and model.config (an inline HF config)")
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("model.config needs model_type (e.g. qwen3)")
+        if self.hf is not None:
+            self._hf_fields()  # a missing or unreadable config.json is this section's error
         return self
+
+    def _hf_fields(self) -> dict[str, Any]:
+        path = Path(self.hf) / "config.json"
+        if not path.is_file():
+            raise ValueError(f"model.hf={self.hf}: no config.json there (a Hugging Face model directory has one)")
+        try:
+            fields = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"model.hf: {path} is not readable JSON: {exc}") from None
+        if not isinstance(fields, dict):  # pydantic reports a validator's ValueError, not a TypeError
+            raise ValueError(f"model.hf: {path} holds a JSON {type(fields).__name__}, not an object")  # noqa: TRY004
+        return fields
 
     def vocab_size(self) -> int | None:
         """From the inline config or the directory's config.json; None when neither says."""
-        if self.config is not None:
-            return self.config.get("vocab_size")
-        path = Path(self.hf) / "config.json"
-        return json.loads(path.read_text()).get("vocab_size") if path.is_file() else None
+        return (self.config if self.config is not None else self._hf_fields()).get("vocab_size")
 
     def hf_config(self) -> PretrainedConfig:
         """The directory's HF config, or the inline one (``architectures`` defaults to the model
@@ -117,7 +129,7 @@ def build_model(
     pp = ps.get_pipeline_model_parallel_world_size()
     arch = parse_hf_config(load_hf_config(hf_config_or_dir), tp=tp, vocab_divisor=vocab_divisor)
     if arch.num_layers % pp:
-        raise ValueError(f"pipeline size {pp} must divide num_hidden_layers={arch.num_layers}")
+        raise LayoutError(f"pipeline size {pp} must divide num_hidden_layers={arch.num_layers}")
     if ps.get_context_parallel_world_size() > 1:
         raise NotImplementedError("LlamaFamilyModel.forward does not split sequences for context parallelism")
     on_cuda = torch.cuda.is_available()

@@ -23,6 +23,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import PretrainedConfig
 
+from megatron_opsd.config import ConfigError, LayoutError
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # RoPE variants whose inverse frequencies are static and whose attention scaling is 1, so that
 # precomputing transformers' own inv_freq reproduces the checkpoint exactly.
@@ -30,7 +32,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DEFAULT_VOCAB_DIVISOR = 128
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(ConfigError):
     """An HF config field has a value this builder cannot reproduce exactly."""
 
 
@@ -148,9 +150,9 @@ def parse_hf_config(config: PretrainedConfig, tp: int = 1, vocab_divisor: int = 
     if heads % groups:
         raise UnsupportedConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}")
     if groups % tp:
-        raise ValueError(f"tensor parallel size {tp} must divide num_key_value_heads={groups}")
+        raise LayoutError(f"tensor parallel size {tp} must divide num_key_value_heads={groups}")
     if config.intermediate_size % tp:
-        raise ValueError(f"tensor parallel size {tp} must divide intermediate_size={config.intermediate_size}")
+        raise LayoutError(f"tensor parallel size {tp} must divide intermediate_size={config.intermediate_size}")
     multiple = vocab_divisor * tp
     padded = -(-config.vocab_size // multiple) * multiple
     return Architecture(

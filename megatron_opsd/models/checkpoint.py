@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import multiprocessing as mp
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,8 +26,16 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensorFactory
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_opsd.fileio import MANIFEST, CheckpointError, atomic_output_dir, verify_manifest
+from megatron_opsd.fileio import (
+    MANIFEST,
+    CheckpointError,
+    HashingWriter,
+    atomic_output_dir,
+    verify_manifest,
+    write_manifest,
+)
 from megatron_opsd.models.gpt import LlamaFamilyModel
 from megatron_opsd.models.hf_io import copy_non_weight_files
 
@@ -44,9 +52,10 @@ def hf_config_dir(ckpt_dir: str | Path) -> Path:
 
 
 def _check_complete(ckpt_dir: Path) -> None:
-    """A training checkpoint carries a manifest: every file it lists must be there, whole."""
+    """A checkpoint with a manifest has every file it lists, of its size. (Contents are checked when a
+    training run resumes: reading every file once more would double a model load's I/O.)"""
     if (ckpt_dir / MANIFEST).is_file():
-        verify_manifest(ckpt_dir)
+        verify_manifest(ckpt_dir, part=None)
 
 
 def use_fork_results_queue() -> None:
@@ -76,6 +85,39 @@ def _without_crc32() -> Iterator[None]:
         yield
     finally:
         torch.serialization.set_crc32_options(previous)
+
+
+@contextlib.contextmanager
+def _hashing_writers() -> Iterator[None]:
+    """Let Megatron's checkpoint writers checksum every file as they write it (``fileio.HashingWriter``:
+    its digest lands beside the file, for the manifest), instead of the manifest reading it again.
+
+    The writers open their files with the name ``open`` of ``filesystem_async``; a module-level
+    ``open`` there shadows the builtin for exactly those calls. The writer processes are forked
+    inside, so they inherit it. A Megatron that opens files otherwise writes no digests, and the
+    manifest then reads the files (the same checksums, slower).
+    """
+    filesystem_async.open = HashingWriter
+    try:
+        yield
+    finally:
+        del filesystem_async.open
+
+
+def save_sharded(state: ShardedStateDict, directory: Path, write_files: Callable[[Path], None] | None = None) -> None:
+    """``dist_checkpointing.save`` of ``state`` into the empty ``directory`` (collective), then on
+    rank 0 ``write_files(directory)`` and the manifest: every file with its size and checksum, last.
+
+    The writers get a fork results queue, skip torch.save's CRC32 and checksum what they write.
+    """
+    use_fork_results_queue()
+    with _without_crc32(), _hashing_writers():
+        dist_checkpointing.save(state, str(directory))
+    dist.barrier()  # every rank's files (and their digests) are there
+    if dist.get_rank() == 0:
+        if write_files is not None:
+            write_files(directory)
+        write_manifest(directory)
 
 
 def _merge_in_place(sharded_state_dict: ShardedStateDict) -> ShardedStateDict:
@@ -114,13 +156,13 @@ def save(
     """Save the model (collective) to ``out_dir`` atomically, with the HF config/tokenizer files
     copied from ``hf_files_from`` (an HF directory or another checkpoint's ``hf/``)."""
     (chunk,) = chunks
-    use_fork_results_queue()
+
+    def hf_files(directory: Path) -> None:
+        (directory / HF_SUBDIR).mkdir()
+        copy_non_weight_files(Path(hf_files_from), directory / HF_SUBDIR)
+
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        with _without_crc32():
-            dist_checkpointing.save(chunk.sharded_state_dict(), str(tmp))  # wants an empty directory
-        if dist.get_rank() == 0:
-            (tmp / HF_SUBDIR).mkdir()
-            copy_non_weight_files(Path(hf_files_from), tmp / HF_SUBDIR)
+        save_sharded(chunk.sharded_state_dict(), tmp, hf_files)  # wants an empty directory
     return Path(out_dir)
 
 
@@ -136,7 +178,11 @@ def load(chunks: list[LlamaFamilyModel], ckpt_dir: str | Path) -> None:
     if not (ckpt_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a Megatron dist checkpoint: no metadata.json")
     request = _merge_in_place(chunk.sharded_state_dict())
-    state = dist_checkpointing.load(request, str(ckpt_dir))
+    try:
+        state = dist_checkpointing.load(request, str(ckpt_dir))
+    except CheckpointException as exc:  # a BaseException: it would escape every `except Exception`
+        raise CheckpointError(f"{ckpt_dir}: cannot load the model (was it written for another one?): "
+                              f"{load_failure(exc)}") from exc
     chunk.load_state_dict({key: state[key] for key in request})
 
 
@@ -161,6 +207,14 @@ class ShardedStateful(Protocol):
         """Restore from the loaded request."""
 
 
+def load_failure(exc: BaseException) -> str:
+    """What went wrong in a failed dist-checkpoint load, in one line: torch's CheckpointException
+    prints every rank's whole traceback; here each rank's exception only."""
+    if isinstance(exc, CheckpointException):
+        return "; ".join(f"rank {rank}: {type(error).__name__}: {error}" for rank, (error, _) in exc.failures.items())
+    return f"{type(exc).__name__}: {exc}"
+
+
 def shadow_sharded_state_dict(chunks: Sequence[torch.nn.Module], tensors: Sequence[torch.Tensor],
                               prefix: str) -> ShardedStateDict:
     """The chunks' sharded state dict re-pointed at ``tensors`` (one per parameter, in the order of
@@ -182,5 +236,5 @@ def shadow_sharded_state_dict(chunks: Sequence[torch.nn.Module], tensors: Sequen
     return out
 
 
-__all__ = ["HF_SUBDIR", "ShardedStateful", "Stateful", "hf_config_dir", "load", "save", "shadow_sharded_state_dict",
-           "use_fork_results_queue"]
+__all__ = ["HF_SUBDIR", "ShardedStateful", "Stateful", "hf_config_dir", "load", "load_failure", "save", "save_sharded",
+           "shadow_sharded_state_dict", "use_fork_results_queue"]

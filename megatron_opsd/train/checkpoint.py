@@ -31,6 +31,7 @@ states) are restored only at the layout they were saved with.
 """
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +46,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import DistributedOptimizer, MegatronOptimizer
 from megatron.core.utils import unwrap_model
 from pydantic import Field
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_opsd.fileio import (
     MANIFEST,
@@ -53,10 +55,11 @@ from megatron_opsd.fileio import (
     atomic_write_text,
     partial_dir,
     verify_manifest,
-    write_manifest,
 )
-from megatron_opsd.models.checkpoint import HF_SUBDIR, ShardedStateful, Stateful
+from megatron_opsd.models.checkpoint import HF_SUBDIR, ShardedStateful, Stateful, load_failure, save_sharded
 from megatron_opsd.section import Section
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 FORMAT = 2  # 1: the layout before named parts (model0 / optimizer / teacher / rng / common)
@@ -65,13 +68,19 @@ _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class CheckpointConfig(Section):
+    enabled: bool = Field(default=True, description="write checkpoints, and resume from the run's own latest one")
     dir: str | None = Field(
-        default=None, description="checkpoint root (step_NNNNNN/ directories and 'latest'); None: no checkpoints")
+        default=None, description="checkpoint root (step_NNNNNN/ directories and 'latest'); default: run_dir/checkpoints")
     interval: int = Field(
         25, ge=1, description="steps between checkpoints (and the last step); a multiple of rollout.sync.interval")
     keep_last: int = Field(3, ge=1, description="complete checkpoints kept; older ones are deleted")
     load: str | None = Field(
-        default=None, description="resume from this checkpoint directory or root; None: from dir if it has one")
+        default=None, description="start from this checkpoint directory or root when the run has no checkpoint of "
+        "its own: a checkpoint of the same config is resumed, another run's is a warm start (its model weights)")
+    stop_grace_s: float = Field(
+        default=120.0, gt=0, description="after SIGTERM or Ctrl-C: seconds to reach the next step boundary and write "
+        "its checkpoint; past them (or on a second signal) the run ends at once. Keep it below the scheduler's "
+        "time between its SIGTERM and SIGKILL")
 
 
 def _layout() -> dict[str, int]:
@@ -152,22 +161,25 @@ def save_checkpoint(
     states: Mapping[str, Stateful | ShardedStateful],
     keep_last: int,
     write_hf_files: Callable[[Path], None] | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Collective: every rank calls it with the same part names. Plain parts must be identical on
     all ranks; they are stored once. ``write_hf_files(dir)`` (called on rank 0) writes the model's
-    HF config and tokenizer into the checkpoint's ``hf/``."""
+    HF config and tokenizer into the checkpoint's ``hf/``; ``config`` (the run's, as plain values)
+    is kept so that a resume can tell whose checkpoint it is (:func:`checkpoint_config`)."""
     root = Path(root)
     name = f"step_{step:06d}"
     tree = {key: _part_state(part, is_loading=False) for key, part in states.items()}
-    tree[_META] = {"format": FORMAT, "step": step, "layout": _layout(), "parts": sorted(states)}
+    tree[_META] = {"format": FORMAT, "step": step, "layout": _layout(), "parts": sorted(states),
+                   "config": dict(config or {})}
+
+    def hf_files(directory: Path) -> None:
+        if write_hf_files is not None:
+            (directory / HF_SUBDIR).mkdir()
+            write_hf_files(directory / HF_SUBDIR)
+
     with atomic_output_dir(root / name, overwrite=True) as tmp:
-        dist_checkpointing.save(tree, str(tmp))
-        dist.barrier()
-        if dist.get_rank() == 0:
-            if write_hf_files is not None:
-                (tmp / HF_SUBDIR).mkdir()
-                write_hf_files(tmp / HF_SUBDIR)
-            write_manifest(tmp)
+        save_sharded(tree, tmp, hf_files)
     if dist.get_rank() == 0:
         atomic_write_text(root / LATEST, name)
         _prune(root, keep_last)
@@ -181,20 +193,74 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old)
 
 
-def resolve(path: str | Path) -> Path | None:
-    """A checkpoint directory itself, or the one a root's ``latest`` names; None if the root has none."""
-    path = Path(path)
-    if (path / MANIFEST).exists() or path.name.startswith("step_"):
-        return path
-    latest = path / LATEST
+def verify_checkpoint(path: Path) -> None:
+    """The checkpoint at ``path`` is complete and unchanged since its save (collective: the ranks
+    share the checksumming, every rank raises the CheckpointError one of them found)."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path} does not exist (pruned by checkpoint.keep_last, or never written?)")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    try:
+        verify_manifest(path, part=(rank, world))
+        problem = ""
+    except CheckpointError as exc:
+        problem = str(exc)
+    problems = [problem] * world
+    if world > 1:
+        dist.all_gather_object(problems, problem)
+    found = [p for p in problems if p]
+    if found:
+        raise CheckpointError(found[0])
+
+
+def _candidates(root: Path) -> list[Path]:
+    """The checkpoints under ``root``, the one ``latest`` names first, then newest to oldest."""
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    latest = root / LATEST
     if not latest.exists():
-        if any(path.glob(partial_dir("step_*").name)) or any(path.glob("step_*")):
-            raise CheckpointError(f"{path}: checkpoints present but no '{LATEST}' pointer (interrupted save?)")
-        return None
-    target = path / latest.read_text().strip()
-    if not target.is_dir():
-        raise CheckpointError(f"{latest} names {target.name}, which does not exist")
-    return target
+        if steps or any(root.glob(partial_dir("step_*").name)):
+            raise CheckpointError(f"{root}: checkpoints present but no '{LATEST}' pointer (interrupted save?)")
+        return []
+    name = latest.read_text().strip()
+    if not name:
+        raise CheckpointError(f"{latest} is empty (a save was interrupted while writing it); write the name of a "
+                              f"step directory into it, e.g. {steps[0].name if steps else 'step_000100'}")
+    if not (root / name).is_dir():
+        raise CheckpointError(f"{latest} names {name}, which does not exist")
+    return [root / name] + [p for p in steps if p.name != name]
+
+
+def latest_intact(root: Path) -> Path | None:
+    """The newest intact checkpoint under ``root`` (collective); a damaged one is skipped with a
+    warning naming it and the one used instead. None when the root has no checkpoints; a
+    CheckpointError when it has some but none is intact."""
+    candidates = _candidates(root)
+    damaged: list[str] = []
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            damaged.append(str(exc))
+            continue
+        if damaged:
+            log.warning("skipping %d damaged checkpoint(s), resuming from %s instead: %s", len(damaged), path,
+                        "; ".join(damaged))
+        return path
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint under {root}: " + "; ".join(damaged))
+    return None
+
+
+def resolve(path: Path) -> Path | None:
+    """A checkpoint directory (verified), or a root's newest intact checkpoint (collective)."""
+    if path.name.startswith("step_") or (path / MANIFEST).exists():
+        verify_checkpoint(path)
+        return path
+    return latest_intact(path)
+
+
+def checkpoint_config(path: Path) -> dict[str, Any]:
+    """The config of the run that wrote the checkpoint (as plain values)."""
+    return _read_meta(path)["config"]
 
 
 def _create_optimizer_state(optimizer: MegatronOptimizer) -> None:
@@ -240,8 +306,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, states: Mapping[str, Stateful | ShardedStateful]) -> int:
-    """Restore every part in place from the checkpoint at ``path`` (collective); return its step."""
-    verify_manifest(path)
+    """Restore every part in place from the checkpoint at ``path`` (collective; verified by
+    :func:`resolve`); return its step."""
     meta = _read_meta(path)
     if meta["parts"] != sorted(states):
         missing, extra = sorted(set(states) - set(meta["parts"])), sorted(set(meta["parts"]) - set(states))
@@ -254,8 +320,8 @@ def load_checkpoint(path: Path, states: Mapping[str, Stateful | ShardedStateful]
     request = {key: _part_state(part, is_loading=True) for key, part in restored.items()}
     try:
         loaded = dist_checkpointing.load(request, str(path))
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot load: {exc}") from exc
+    except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
+        raise CheckpointError(f"{path}: cannot load (was it written for another model?): {load_failure(exc)}") from exc
     for key, part in restored.items():
         part.load_state_dict(loaded[key])
     return meta["step"]

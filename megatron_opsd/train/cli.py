@@ -59,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
+    if summary is None:
+        print(f"train: {cfg.run_dir} has finished its {cfg.steps} steps: nothing to train, its results are left as "
+              f"they are (raise steps to continue it)")
+        return 0
     write_report(Path(cfg.run_dir) / "summary.json", summary)
     shown = {k: v for k, v in summary["metrics"].items() if k in ("loss", "grad_norm")} | summary["eval"]
     print(f"train: {cfg.algorithm.name} {summary['steps']} steps, " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))

@@ -10,6 +10,7 @@ the engine).
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,24 +19,35 @@ import torch
 import torch.distributed as dist
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from transformers import AutoTokenizer, PretrainedConfig
+from transformers import PretrainedConfig
 
 from megatron_opsd.algorithms.base import Algorithm
 from megatron_opsd.algorithms.factory import build_algorithm
 from megatron_opsd.config import ConfigError
-from megatron_opsd.data.prompts import PromptBuilder
+from megatron_opsd.data.prompts import PromptBuilder, load_tokenizer
 from megatron_opsd.data.sources import Problem, ProblemIterator, load_problems
+from megatron_opsd.fileio import CheckpointError
 from megatron_opsd.models import build_model
+from megatron_opsd.models import checkpoint as model_checkpoint
 from megatron_opsd.models.bridge import load_hf_weights
 from megatron_opsd.models.checkpoint import ShardedStateful, Stateful
 from megatron_opsd.parallel import Layout, initialize
 from megatron_opsd.rollout.engine import RolloutEngine, SamplingParams
 from megatron_opsd.rollout.factory import build_engine
 from megatron_opsd.rollout.sync import ProbeCheck, WeightSync, build_weight_sync
-from megatron_opsd.train.checkpoint import ModelState, OptimizerState, RNGState
-from megatron_opsd.train.config import TrainConfig
+from megatron_opsd.train.checkpoint import (
+    ModelState,
+    OptimizerState,
+    RNGState,
+    checkpoint_config,
+    latest_intact,
+    resolve,
+)
+from megatron_opsd.train.config import TrainConfig, config_differences
 from megatron_opsd.train.optim import build_optimizer, use_distributed_optimizer, wrap_for_training
 from megatron_opsd.train.step import StepRunner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +70,7 @@ class Components:
     weight_sync: WeightSync | None   # on every rank when the engine samples from the trainer's weights
     pad_multiple: int                # packed rows are padded to it (sequence parallelism splits by TP)
     pad_id: int
+    resume_from: Path | None = None  # the checkpoint whose every part the run restores before its first step
 
     def states(self) -> dict[str, Stateful | ShardedStateful]:
         """The checkpoint parts of this run, by name."""
@@ -80,9 +93,9 @@ def build_components(cfg: TrainConfig) -> Components:
     Data comes first: a bad row should fail before minutes of model building.
     """
     initialize(Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp), seed=cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)
+    tokenizer = load_tokenizer(cfg.tokenizer)
     prompts = PromptBuilder(tokenizer, cfg.prompts)
-    problems = load_problems(cfg.data)
+    problems = prompts.fitting(load_problems(cfg.data), cfg.data.on_invalid_row)
     eval_problems = list(load_problems(cfg.eval.data).problems[:cfg.eval.limit]) if cfg.eval.data is not None else []
     sampling = cfg.rollout.params(tokenizer)
 
@@ -90,9 +103,12 @@ def build_components(cfg: TrainConfig) -> Components:
     if len(tokenizer) > hf_config.vocab_size:
         raise ConfigError(f"tokenizer {cfg.tokenizer} has {len(tokenizer)} tokens, more than the model's "
                           f"vocab_size={hf_config.vocab_size}")
+    start, resume = start_point(cfg)
     chunks = build_model(hf_config, getattr(torch, cfg.model.dtype))
     if cfg.model.hf is not None:
         load_hf_weights(chunks, cfg.model.hf)
+    if start is not None and not resume:  # a warm start: the weights, before the teacher copies them
+        model_checkpoint.load(chunks, start)
     chunks = wrap_for_training(chunks, chunks[0].config, use_distributed_optimizer(cfg.optim))
     optimizer, scheduler = build_optimizer(cfg.optim, chunks, cfg.steps)
     logprob_temperature = cfg.rollout.temperature or 1.0  # an engine reports T=1 log-probs for greedy
@@ -112,7 +128,39 @@ def build_components(cfg: TrainConfig) -> Components:
         data=ProblemIterator(problems, cfg.data.seed, cfg.data.shuffle), eval_problems=eval_problems,
         chunks=chunks, optimizer=optimizer, scheduler=scheduler, algorithm=algorithm, runner=runner,
         sampling=sampling, engine=engine, weight_sync=weight_sync,
-        pad_multiple=cfg.parallel.tp if chunks[0].config.sequence_parallel else 1, pad_id=tokenizer.pad_token_id or 0)
+        pad_multiple=cfg.parallel.tp if chunks[0].config.sequence_parallel else 1, pad_id=tokenizer.pad_token_id or 0,
+        resume_from=start if resume else None)
+
+
+def start_point(cfg: TrainConfig) -> tuple[Path | None, bool]:
+    """(the checkpoint the run starts from, whether it resumes it) (collective).
+
+    The run's own newest intact checkpoint is resumed if its config differs from the run's only in
+    keys that may change on resume (``train.config.RESUMABLE``), and is an error naming the others
+    otherwise: a run never silently continues another. Without one, ``checkpoint.load`` is resumed
+    when its config matches that way, and is a warm start (its model weights only) when it does not.
+    """
+    current = cfg.model_dump(mode="json")
+    own = cfg.checkpoint_root()
+    path = latest_intact(own) if own is not None and own.is_dir() else None
+    if path is not None:
+        differences = config_differences(checkpoint_config(path), current)
+        if differences:
+            raise CheckpointError(
+                f"{path} was written by a run with another config ({'; '.join(differences)}); a run resumes only its "
+                f"own checkpoints: start this one in another run_dir (with checkpoint.load={path} to start from its "
+                f"weights), or restore the config")
+        return path, True
+    if cfg.checkpoint.load is None:
+        return None, False
+    path = resolve(Path(cfg.checkpoint.load))
+    if path is None:
+        raise CheckpointError(f"checkpoint.load={cfg.checkpoint.load}: no checkpoint there")
+    differences = config_differences(checkpoint_config(path), current)
+    if differences:
+        log.warning("warm start from %s: its model weights; optimizer, data order and step start anew (it was "
+                    "written by a run with another config: %s)", path, "; ".join(differences))
+    return path, not differences
 
 
 def _probe_ids(cfg: TrainConfig, prompts: PromptBuilder, problem: Problem, end_ids: tuple[int, ...]) -> list[int]:

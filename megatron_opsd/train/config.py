@@ -7,6 +7,7 @@ sections import Megatron (seconds), which ``load_config``'s other users (``opsd 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -72,6 +73,12 @@ class TrainConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     export_hf: bool = Field(default=False, description="at the end, write the weights as a Hugging Face directory run_dir/hf")
 
+    def checkpoint_root(self) -> Path | None:
+        """Where the run's own checkpoints go (and are resumed from); None with checkpoints off."""
+        if not self.checkpoint.enabled:
+            return None
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.run_dir) / "checkpoints"
+
     @model_validator(mode="before")
     @classmethod
     def _loss_vocab_from_model(cls, tree: Any) -> Any:
@@ -87,8 +94,8 @@ class TrainConfig(Section):
         if isinstance(loss, dict) and "vocab_size" not in loss:
             try:
                 vocab = ModelConfig.model_validate(tree["model"]).vocab_size()
-            except (ValueError, OSError):
-                return tree  # the model section's own error is reported
+            except ValueError:
+                vocab = 1  # the model section's own error is reported; a stand-in keeps out a second, derived one
             if vocab is not None:
                 loss["vocab_size"] = vocab
         return tree
@@ -105,7 +112,7 @@ class TrainConfig(Section):
         if engine == "recorded" and self.eval.data is not None:
             raise ValueError("evaluation (eval.data) needs an engine that samples from the trainer's weights; "
                              "rollout.engine.kind=recorded replays recorded rollouts")
-        if self.checkpoint.dir is not None and self.checkpoint.interval % sync.interval:
+        if self.checkpoint.enabled and self.checkpoint.interval % sync.interval:
             raise ValueError(
                 f"checkpoint.interval={self.checkpoint.interval} must be a multiple of rollout.sync.interval="
                 f"{sync.interval}: a resumed run re-syncs the engine, so only then does it replay "
@@ -129,3 +136,28 @@ def _refuse_moved_keys(tree: dict) -> None:
         node = tree.get(section) if section else tree
         if isinstance(node, dict) and key in node:
             raise ValueError(f"config key {old!r} moved to {new!r}")
+
+
+# What a resumed run may change: how long it runs, how it reports and evaluates, where its files
+# are (input files may move; the data set's content is fingerprinted), and the parallel layout
+# (checkpoints reshard). Any other difference from the checkpoint's config means another run.
+RESUMABLE = ("run_dir", "steps", "parallel", "checkpoint", "eval", "tracking", "export_hf", "step", "tokenizer",
+             "model.hf", "data.path", "optim.distributed_optimizer", "rollout.engine.max_batch_size")
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved -> current`` for every key outside RESUMABLE where the two configs differ."""
+    flat_saved, flat_current = _flatten(saved), _flatten(current)
+    keys = sorted(set(flat_saved) | set(flat_current))
+    return [f"{k}: {flat_saved.get(k, '(unset)')!r} -> {flat_current.get(k, '(unset)')!r}" for k in keys
+            if flat_saved.get(k) != flat_current.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out

@@ -15,6 +15,8 @@ Choices:
   so ``checkpoint.interval`` must be a multiple of ``rollout.sync.interval`` (validated). The
   first sync happens before step 1 (and resyncs a resumed run), so the probe check runs before
   anything is trained.
+- SIGTERM (preemption) or SIGINT stops the run at the next step boundary, the same one on every
+  rank, after writing a checkpoint there (``processes.StopRequests``, ``RunStopped``).
 """
 from __future__ import annotations
 
@@ -26,19 +28,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.utils import unwrap_model
 
+from megatron_opsd.config import ConfigError
 from megatron_opsd.data.batching import rank_micro_batches
 from megatron_opsd.data.packing import MicroBatch
 from megatron_opsd.data.sample import Sample
 from megatron_opsd.eval.evaluate import evaluate
 from megatron_opsd.models.bridge import write_hf_model
 from megatron_opsd.parallel import broadcast_from_rank0
+from megatron_opsd.platform import current_device
+from megatron_opsd.processes import RunStopped, StopRequests
 from megatron_opsd.rollout.engine import rollout_samples, rollout_stats
 from megatron_opsd.tracking import Tracker
-from megatron_opsd.train.checkpoint import load_checkpoint, resolve, save_checkpoint
+from megatron_opsd.train.checkpoint import load_checkpoint, save_checkpoint
 from megatron_opsd.train.components import Components, build_components
 from megatron_opsd.train.config import TrainConfig
 
@@ -58,16 +64,18 @@ class Trainer:
         self.cfg = components.cfg
         self.is_rank0 = dist.get_rank() == 0
         self.run_dir = Path(self.cfg.run_dir)
-        self.checkpoint_root = Path(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else None
+        self.checkpoint_root = self.cfg.checkpoint_root()
         self.states = components.states()
         self.start_step = self._resume()
 
     def _resume(self) -> int:
-        source = self.cfg.checkpoint.load or self.cfg.checkpoint.dir
-        path = resolve(source) if source else None
+        path = self.c.resume_from
         if path is None:
             return 0
         step = load_checkpoint(path, self.states)
+        if step > self.cfg.steps:
+            raise ConfigError(f"{path} is at step {step}, past steps={self.cfg.steps}: nothing to train (raise steps "
+                              f"to continue the run; its results are left as they are)")
         log.info("resumed from %s at step %d", path, step)
         return step
 
@@ -100,9 +108,17 @@ class Trainer:
 
         return broadcast_from_rank0(metrics)
 
+    @staticmethod
+    def _stop_requested(stop: StopRequests) -> int:
+        """The signal any rank received (collective, so that all ranks stop at the same step); 0: none."""
+        signum = torch.tensor(stop.signum or 0, device=current_device())
+        if dist.get_world_size() > 1:
+            dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        return int(signum)
+
     def _save(self, step: int) -> None:
         save_checkpoint(self.checkpoint_root, step, self.states, self.cfg.checkpoint.keep_last,
-                        write_hf_files=self.c.write_hf_files)
+                        write_hf_files=self.c.write_hf_files, config=self.cfg.model_dump(mode="json"))
 
     def export_hf(self) -> Path:
         """The current weights as a Hugging Face directory ``run_dir/hf`` (config, safetensors, tokenizer)."""
@@ -119,15 +135,20 @@ class Trainer:
         batches, metrics = self.step_batches(step)
         return {**self.c.runner(batches).metrics, **metrics}
 
-    def run(self) -> dict[str, Any]:
-        """Train from ``start_step`` to ``cfg.steps``; returns the last step's metrics and the last eval."""
+    def run(self) -> dict[str, Any] | None:
+        """Train from ``start_step`` to ``cfg.steps``; returns the last step's metrics and the last eval,
+        or None when the run had already finished (its files are left as they are)."""
         cfg, start, sync = self.cfg, self.start_step, self.c.weight_sync
+        if start == cfg.steps:
+            if cfg.export_hf and not (self.run_dir / "hf").is_dir():  # stopped between the last step and its export
+                self.export_hf()
+            return None
         last_metrics: dict[str, float] = {}
         last_eval: dict[str, float] = {}
         evaluates = bool(self.c.eval_problems)
         tracker_start = start + 1 if start else 0
         with Tracker(cfg.tracking, self.run_dir, start_step=tracker_start, run_config=cfg.model_dump(),
-                     enabled=self.is_rank0) as tracker:
+                     enabled=self.is_rank0) as tracker, StopRequests(cfg.checkpoint.stop_grace_s) as stop:
             pending: dict[str, float] = {}  # the first sync's metrics join the next record
             if sync is not None:
                 pending = sync.push(version=start)
@@ -150,14 +171,21 @@ class Trainer:
                 last_metrics = metrics
                 if hasattr(steps, "set_postfix"):
                     steps.set_postfix(loss=f"{metrics['loss']:.4f}")
-                if self.checkpoint_root and (step % cfg.checkpoint.interval == 0 or step == cfg.steps):
+                saved = self.checkpoint_root is not None and (step % cfg.checkpoint.interval == 0 or step == cfg.steps)
+                if saved:
                     self._save(step)
+                signum = self._stop_requested(stop)
+                if signum and step < cfg.steps:
+                    if self.checkpoint_root is not None and not saved:
+                        self._save(step)
+                    raise RunStopped(signum, step, str(self.checkpoint_root / f"step_{step:06d}")
+                                     if self.checkpoint_root else None)
             if cfg.export_hf:
                 self.export_hf()
         return {"steps": cfg.steps, "metrics": last_metrics, "eval": last_eval}
 
 
-def train(cfg: TrainConfig, build: Callable[[TrainConfig], Components] = build_components) -> dict[str, Any]:
+def train(cfg: TrainConfig, build: Callable[[TrainConfig], Components] = build_components) -> dict[str, Any] | None:
     """Run ``cfg`` on this process (alone, or as one rank under torchrun); tears down the process
     group it created. ``build`` makes the run's components (e.g. ``build_components`` with one
     part replaced)."""

@@ -55,8 +55,8 @@ def check_uninterrupted_run():
 
 def check_tp2_checkpoint_resumes_at_tp1():
     tp2 = work_path("tp2")
-    train(config(*RESUME, "parallel.tp=2", "steps=4", f"run_dir={tp2}", f"checkpoint.dir={tp2 / 'ckpt'}",
-                 "checkpoint.interval=2"))
+    train(config(*RESUME, "parallel.tp=2", "steps=4", f"run_dir={tp2}", "checkpoint.enabled=true",
+                 f"checkpoint.dir={tp2 / 'ckpt'}", "checkpoint.interval=2"))
     tp1 = work_path("tp1_from_tp2")  # DP=2 now, distributed optimizer
     train(config(*RESUME, "steps=4", f"run_dir={tp1}", f"checkpoint.load={tp2 / 'ckpt' / 'step_000002'}"))
     torch.testing.assert_close(torch.tensor(losses(tp1)), torch.tensor(losses(tp2)[2:]), rtol=1e-5, atol=1e-7)

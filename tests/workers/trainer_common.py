@@ -64,6 +64,8 @@ def write_inputs(work: Path, hf_dir: Path, problems: int = 24) -> None:
         "rollout": {"max_new_tokens": 10, "stop_tokens": ["<|im_end|>"],
                     "engine": {"kind": "recorded", "path": str(work / "rollouts.jsonl")}, "sync": {"kind": "none"}},
         "optim": {"lr": 3e-3, "clip_grad": 1.0},
+        # The checks that resume turn checkpoints on; a rank whose peer was killed stops soon after torchrun's SIGTERM.
+        "checkpoint": {"enabled": False, "stop_grace_s": 10},
         "tracking": {"wandb": False, "progress": False},
     }
     (work / "config.yaml").write_text(yaml.safe_dump(config))

@@ -25,7 +25,8 @@ ROOT = RUN / "ckpt"
 
 
 def _config():
-    return config(*RESUME, f"run_dir={RUN}", f"checkpoint.dir={ROOT}", "checkpoint.interval=1", "checkpoint.keep_last=2")
+    return config(*RESUME, f"run_dir={RUN}", "checkpoint.enabled=true", f"checkpoint.dir={ROOT}", "checkpoint.interval=1",
+                  "checkpoint.keep_last=2")
 
 
 class DiesInStep4:

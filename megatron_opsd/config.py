@@ -130,7 +130,7 @@ def config_keys(schema: type[BaseModel], prefix: str = "") -> Iterator[ConfigKey
     """Every key of ``schema`` in definition order, each section followed by its own keys (for a
     choice of sections, the keys of each, each key once)."""
     for name, field in schema.model_fields.items():
-        key = prefix + name
+        key = prefix + (field.alias or name)
         sections, suffix = _nested(field.annotation)
         yield ConfigKey(key, field, sections[0] if sections else None)
         shared = set.intersection(*(set(s.model_fields) for s in sections)) if sections else set()
@@ -223,7 +223,7 @@ def _explain(err: ValidationError, schema: type[BaseModel], source: str) -> str:
         loc = [str(p) for p in e["loc"]]
         if e["type"] == "extra_forbidden":
             parent, models = _config_path(schema, loc[:-1])
-            known = [name for m in models for name in m.model_fields]
+            known = [field.alias or name for m in models for name, field in m.model_fields.items()]
             hint = difflib.get_close_matches(loc[-1], known, n=1)
             dotted = ".".join(parent + loc[-1:])
             lines.append(f"  unknown key {dotted!r}" + (f" (did you mean {'.'.join(parent + hint)!r}?)" if hint else ""))

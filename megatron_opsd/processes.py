@@ -32,11 +32,25 @@ def end_children_with_this_process() -> None:
     trainer and the conversion tools do. A no-op where prctl is not available.
     """
     global _CHILDREN_END_WITH_US
-    if _CHILDREN_END_WITH_US or not sys.platform.startswith("linux"):
+    if _CHILDREN_END_WITH_US or _LIBC is None:
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    os.register_at_fork(after_in_child=lambda: libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL))
+    os.register_at_fork(after_in_child=die_with_parent)
     _CHILDREN_END_WITH_US = True
+
+
+def _libc() -> ctypes.CDLL | None:
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
+
+
+_LIBC = _libc()  # loaded in the parent: a child between fork and exec only calls into it
+
+
+def die_with_parent() -> None:
+    """For ``subprocess.Popen(preexec_fn=...)``: the child is killed when the process that started it
+    dies (``subprocess`` does not run the at-fork hooks of :func:`end_children_with_this_process`).
+    It only calls prctl, so it is safe in a child forked from a threaded process."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class RunStopped(Exception):

@@ -8,4 +8,5 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A key that is a Python keyword (rollout.async) is a field with an alias: read and written by it.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, serialize_by_alias=True)

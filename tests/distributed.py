@@ -6,15 +6,20 @@ Process start-up with torch and Megatron imports costs seconds, so checks share 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,10 +40,46 @@ def launch(module: str, nproc: int, out_dir: Path, *args: str, timeout: float = 
         "-m", module, "--results", str(out), *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    with tempfile.TemporaryFile("w+") as log:  # not a pipe: a leaked process holding it would hang the read
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout)
+        finally:
+            leftover = _end_session(proc)
+        log.seek(0)
+        output = log.read()
+    if leftover:
+        raise RuntimeError(f"{module}: processes outlived their torchrun launch (killed now): {leftover}\n{output[-4000:]}")
     if not out.exists():
-        raise RuntimeError(f"{module} wrote no results (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise RuntimeError(f"{module} wrote no results (exit {proc.returncode}):\n{output[-12000:]}")
     return json.loads(out.read_text())
+
+
+def _end_session(proc: subprocess.Popen, grace_s: float = 5.0) -> list[str]:
+    """Kill what is left of the launch's session (torchrun too, if it ran out of time); return the
+    processes that were still there ``grace_s`` after torchrun ended (exiting helpers get that long)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + grace_s
+    while (members := _session_members(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    leftover = []
+    for member in members:
+        with contextlib.suppress(psutil.Error):
+            leftover.append(f"pid {member.pid}: {' '.join(member.cmdline())[:200]}")
+            member.kill()
+    return leftover
+
+
+def _session_members(sid: int) -> list[psutil.Process]:
+    members = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getsid(process.pid) == sid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process)
+    return members
 
 
 def run_checks(checks: dict[str, Callable[[], None]], setup: Callable[[], None] | None = None) -> None:

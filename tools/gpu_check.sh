@@ -6,7 +6,9 @@
 # Needs: python with a CUDA torch. No internet: the remaining dependencies (megatron-core,
 # transformers, safetensors, psutil, pytest and their pure-Python / manylinux deps) are installed
 # from WHEEL_DIR, which tools/gpu_wheels.sh fills on a machine with internet access.
-# Transformer Engine is used when already installed; its checks are skipped otherwise.
+# Transformer Engine is used when already installed; its checks are skipped otherwise. SGLang
+# too: with it installed, tests/test_sglang_real.py starts one real server and runs the client,
+# the contract fixtures and both weight syncs against it (too large to carry as wheels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS="${1:-.whl}"

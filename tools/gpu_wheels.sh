@@ -38,7 +38,8 @@ def closure(names):
     return seen
 
 
-wanted = closure(["megatron-core", "transformers", "safetensors", "psutil", "pytest", "pytest-timeout"])
+wanted = closure(["megatron-core", "transformers", "safetensors", "psutil", "pytest", "pytest-timeout", "httpx", "tenacity",
+                  "fastapi", "uvicorn", "sglang-router"])
 for name in closure(["torch"]):
     wanted.pop(name, None)
 with open(sys.argv[1], "w") as f:

@@ -231,13 +231,27 @@ def _in_replica_zero() -> bool:
     return ps.get_data_parallel_rank(with_context_parallel=True) == 0
 
 
-def stage_hf_tensors(chunks: list[LlamaFamilyModel], dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
+def is_stage_sender() -> bool:
+    """Whether this rank yields its pipeline stage's tensors in :func:`stage_hf_tensors`."""
+    return _in_replica_zero() and ps.get_tensor_model_parallel_rank() == 0
+
+
+def stage_hf_shapes(chunks: list[LlamaFamilyModel]) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of every tensor :func:`stage_hf_tensors` yields on this stage, in its order."""
+    (chunk,) = chunks
+    shapes = hf_shapes(chunk.arch)
+    return [(name, shapes[name]) for item in _items(chunk) if item.exported for name in item.hf_names]
+
+
+def stage_hf_tensors(chunks: list[LlamaFamilyModel], dtype: torch.dtype | None = None, *,
+                     placeholders: bool = False) -> Iterator[tuple[str, Tensor | None]]:
     """This pipeline stage's own parameters as (HF name, full tensor) pairs, gathered over TP.
 
-    Every rank may call it. The tensors are yielded on the stage's first TP rank of data-parallel
-    replica 0 (the stage's sender); the other TP ranks of that replica take part in the gathers
-    and yield nothing; ranks of other replicas return at once. Order: module order. Tensors are
-    in ``dtype`` (default the model's) and may share storage with the model: copy before modifying.
+    Every rank may call it. The tensors are yielded on the stage's sender (:func:`is_stage_sender`:
+    its first TP rank of data-parallel replica 0); the other TP ranks of that replica take part in
+    the gathers and yield nothing, or ``(name, None)`` per tensor with ``placeholders`` (to step in
+    lockstep with the sender); ranks of other replicas return at once. Order: module order. Tensors
+    are in ``dtype`` (default the model's) and may share storage with the model: copy before modifying.
     """
     (chunk,) = chunks  # virtual pipeline stages are not supported
     if not _in_replica_zero():
@@ -250,6 +264,8 @@ def stage_hf_tensors(chunks: list[LlamaFamilyModel], dtype: torch.dtype | None =
         tensors = _gather_tp(item, chunk.arch, tp_group, tp_size)
         if tensors is not None:
             yield from zip(item.hf_names, (t.to(out_dtype).contiguous() for t in tensors), strict=True)
+        elif placeholders:
+            yield from ((name, None) for name in item.hf_names)
 
 
 def model_hf_tensors(chunks: list[LlamaFamilyModel], dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
@@ -270,20 +286,18 @@ def model_hf_tensors(chunks: list[LlamaFamilyModel], dtype: torch.dtype | None =
         return
     # The stage senders and rank 0 form the pipeline group of TP rank 0 in replica 0.
     pp_group, my_stage = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_rank()
-    names = [item.hf_names for item in _items(chunk) if item.exported]
-    stages: list[list[tuple[str, ...]]] = [None] * pp_size
-    dist.all_gather_object(stages, names, group=pp_group)
+    stages: list[list[tuple[str, tuple[int, ...]]]] = [None] * pp_size
+    dist.all_gather_object(stages, stage_hf_shapes(chunks), group=pp_group)
     senders = dist.get_process_group_ranks(pp_group)
     if my_stage != 0:
         for _, tensor in stage:
             dist.send(tensor, dst=senders[0])
         return
     yield from stage
-    shapes, out_dtype = hf_shapes(chunk.arch), dtype or chunk.config.params_dtype
-    device = next(chunk.parameters()).device
-    for sender, stage_names in zip(senders[1:], stages[1:]):
-        for name in (n for group in stage_names for n in group):
-            tensor = torch.empty(shapes[name], dtype=out_dtype, device=device)
+    out_dtype, device = dtype or chunk.config.params_dtype, next(chunk.parameters()).device
+    for sender, stage_shapes in zip(senders[1:], stages[1:]):
+        for name, shape in stage_shapes:
+            tensor = torch.empty(shape, dtype=out_dtype, device=device)
             dist.recv(tensor, src=sender)
             yield name, tensor
 

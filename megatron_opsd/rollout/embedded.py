@@ -24,16 +24,16 @@ default (without ``SGLANG_RETURN_ORIGINAL_LOGPROB``) and what slime-style traine
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field
 from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
 
-from megatron_opsd.rollout.engine import EngineHealth, Rollout, SamplingParams
+from megatron_opsd.rollout.engine import EngineHealth, Rollout, SamplingParams, sequence_seed
 from megatron_opsd.section import Section
 
 
@@ -46,11 +46,6 @@ class EmbeddedEngineConfig(Section):
 
 class WeightSyncError(RuntimeError):
     """A weight stream that does not fit the model; the engine refuses to generate until a good one arrives."""
-
-
-def _sequence_seed(seed: int, index: int) -> int:
-    """A well-mixed 63-bit seed for sequence ``index`` of a call seeded with ``seed``."""
-    return int(np.random.SeedSequence((seed, index)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 class EmbeddedEngine:
@@ -84,6 +79,17 @@ class EmbeddedEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Rollout]]:
         """``params.n`` rollouts per prompt, in prompt order (see the module docstring for the rules)."""
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
+        sequences = [list(p) for p in prompts for _ in range(params.n)]
+        rollouts = self.generate_sequences(sequences, params, [sequence_seed(seed, s) for s in range(len(sequences))])
+        return [rollouts[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+
+    def generate_sequences(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int],
+                           interrupt: threading.Event | None = None) -> list[Rollout]:
+        """One rollout per prompt, prompt ``i`` sampled from a generator seeded with ``seeds[i]``
+        (``params.n`` and ``params.seed`` are not used): what a server does with per-request seeds.
+        Once ``interrupt`` is set, unfinished rollouts end after their current token with finish
+        reason ``"abort"`` (a server's abort)."""
         self._check_usable()
         for i, prompt in enumerate(prompts):
             self._check_ids(prompt, f"prompt {i}")
@@ -91,19 +97,17 @@ class EmbeddedEngine:
                 raise ValueError(
                     f"prompt {i}: {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} exceed the model's "
                     f"max_position_embeddings={self.context_length}")
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
-        sequences = [list(p) for p in prompts for _ in range(params.n)]
         rollouts: list[Rollout] = []
         step = self.cfg.max_batch_size
-        for start in range(0, len(sequences), step):
-            generators = [torch.Generator(self.device).manual_seed(_sequence_seed(seed, s))
-                          for s in range(start, min(start + step, len(sequences)))]
-            rollouts += self._generate_batch(sequences[start:start + step], generators, params)
-        return [rollouts[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+        for start in range(0, len(prompts), step):
+            generators = [torch.Generator(self.device).manual_seed(s) for s in seeds[start:start + step]]
+            rollouts += self._generate_batch([list(p) for p in prompts[start:start + step]], generators, params,
+                                             interrupt)
+        return rollouts
 
     @torch.no_grad()
     def _generate_batch(self, prompts: list[list[int]], generators: list[torch.Generator],
-                        params: SamplingParams) -> list[Rollout]:
+                        params: SamplingParams, interrupt: threading.Event | None = None) -> list[Rollout]:
         batch, width, steps = len(prompts), max(map(len, prompts)), params.max_new_tokens
         ids = torch.zeros(batch, width, dtype=torch.long)
         mask = torch.zeros(batch, width, dtype=torch.long)
@@ -121,11 +125,16 @@ class EmbeddedEngine:
         stopped = torch.zeros(batch, dtype=torch.bool, device=self.device)
         stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=self.device)
         next_position = positions[:, -1:] + 1
+        aborted = False
         for t in range(steps):
             tokens[:, t], logprobs[:, t] = sample(logits.float(), params, generators)
             hit = torch.isin(tokens[:, t], stop_ids) & ~stopped
             lengths[hit] = t + 1
             stopped |= hit
+            if interrupt is not None and interrupt.is_set() and not bool(stopped.all()):
+                lengths[~stopped] = t + 1
+                aborted = True
+                break
             if t == steps - 1 or bool(stopped.all()):
                 break
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
@@ -133,8 +142,9 @@ class EmbeddedEngine:
                                 use_cache=True, **cache).logits[:, -1]
             next_position = next_position + 1
         tokens, logprobs, lengths = tokens.tolist(), logprobs.tolist(), lengths.tolist()
+        unfinished = "abort" if aborted else "length"
         return [Rollout(tuple(tokens[r][:lengths[r]]), tuple(logprobs[r][:lengths[r]]),
-                        "stop" if stopped[r] else "length", self.weight_version) for r in range(batch)]
+                        "stop" if stopped[r] else unfinished, self.weight_version) for r in range(batch)]
 
     @torch.no_grad()
     def logprobs(self, sequences: Sequence[Sequence[int]], temperature: float = 1.0) -> list[torch.Tensor]:
@@ -165,13 +175,15 @@ class EmbeddedEngine:
     # -- weights and health ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int, *, partial: bool = False) -> None:
         """Copy HF-named tensors into the model one at a time; every parameter must arrive exactly once.
 
         The whole stream is read before judging it, so that one error lists every problem: any
         unknown name, wrong shape, duplicate or missing parameter raises :class:`WeightSyncError`
         listing them all, and leaves the engine unusable (partly updated) until a later update
-        succeeds. Dtypes are cast.
+        succeeds. Dtypes are cast. ``partial``: one bucket of an update streamed in several (a
+        server's ``update_weights_from_distributed``): parameters may be missing, and success
+        neither makes a broken engine usable nor changes its version.
         """
         params = dict(self.model.named_parameters())
         not_params = set(self.model.state_dict()) - set(params)  # tied copies (e.g. lm_head) and buffers
@@ -192,13 +204,14 @@ class EmbeddedEngine:
                 param.copy_(tensor)
                 received.add(name)
         missing = [name for name in params if name not in received]
-        if missing:
+        if missing and not partial:
             errors.append(f"{len(missing)} parameter(s) not received: {', '.join(missing)}")
         if errors:
             self._broken = f"weight update to version {version} failed"
             raise WeightSyncError(f"{self._broken}:\n  " + "\n  ".join(errors))
-        self._broken = None
-        self.weight_version = version
+        if not partial:
+            self._broken = None
+            self.weight_version = version
 
     def health(self) -> EngineHealth:
         if self._broken:
@@ -206,6 +219,9 @@ class EmbeddedEngine:
         params = sum(p.numel() for p in self.model.parameters())
         dtype = next(self.model.parameters()).dtype
         return EngineHealth(ok=True, detail=f"{type(self.model).__name__}, {params} parameters, {dtype} on {self.device}")
+
+    def close(self) -> None:
+        """Nothing to release: the model lives and dies with this process."""
 
     def _check_usable(self) -> None:
         if self._broken:

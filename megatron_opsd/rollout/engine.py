@@ -2,10 +2,10 @@
 the engine protocol.
 
 Whatever produces rollouts (the embedded engine, recorded rollouts, an inference server fleet)
-offers four things: sample responses for prompt token ids, score given sequences (teacher-forced
-log-probs, for the probe check after a weight sync), say whether it is healthy, and say which
-weights it samples with (``weight_version``). Loading new weights is not part of the contract:
-each weight-sync strategy (``rollout/sync.py``) knows the engines it can feed.
+offers five things: sample responses for prompt token ids, score given sequences (teacher-forced
+log-probs, for the probe check after a weight sync), say whether it is healthy, say which
+weights it samples with (``weight_version``), and release what it holds (``close``). Loading new weights is not part of the contract:
+each weight-sync strategy (``rollout/sync/``) knows the engines it can feed.
 
 Sampling has one schema, :class:`SamplingConfig` (the config sections of training rollouts and
 of evaluation are subclasses that differ only in defaults), and one runtime form,
@@ -18,13 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from pydantic import Field, field_validator
 
 from megatron_opsd.data.sample import Sample
 from megatron_opsd.section import Section
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "abort"]  # abort: a server's interrupted request, never trained on
 
 
 class SamplingConfig(Section):
@@ -69,6 +70,13 @@ class SamplingParams:
                        max_new_tokens=self.max_new_tokens)
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
+
+
+def sequence_seed(seed: int, index: int) -> int:
+    """The seed of sequence ``index`` (prompt index * n + sample index) of a generate call seeded with
+    ``seed``: a well-mixed 63-bit integer. Every engine seeds its sequences this way, so the same
+    call gives the same rollouts in process and through a server fleet."""
+    return int(np.random.SeedSequence((seed, index)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def stop_token_ids(tokenizer: Any, tokens: list[str] | None) -> tuple[int, ...]:
@@ -128,6 +136,9 @@ class RolloutEngine(Protocol):
         ``log_softmax(logits / temperature)``, the quantity the sampler reports."""
 
     def health(self) -> EngineHealth: ...
+
+    def close(self) -> None:
+        """Release what the engine holds outside this process (a server fleet); idempotent."""
 
 
 def rollout_samples(prompts: Sequence[Sequence[int]], rollouts: Sequence[Sequence[Rollout]]) -> list[list[Sample]]:

@@ -1,6 +1,10 @@
 """The ``rollout.engine`` config section and the one place engines are built from it."""
 from __future__ import annotations
 
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Discriminator, Tag
@@ -9,6 +13,9 @@ from transformers import PretrainedConfig
 from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_opsd.rollout.engine import RolloutEngine
 from megatron_opsd.rollout.recorded import RecordedEngineConfig, RecordedRolloutEngine
+from megatron_opsd.rollout.sglang.config import SGLangEngineConfig
+
+API_KEY_ENV = "OPSD_SGLANG_API_KEY"  # the job's key for servers started elsewhere (generated otherwise)
 
 
 def _kind(value: Any) -> str:
@@ -16,13 +23,27 @@ def _kind(value: Any) -> str:
     return value.get("kind", "embedded") if isinstance(value, dict) else getattr(value, "kind", "")
 
 
-EngineConfig = Annotated[Annotated[EmbeddedEngineConfig, Tag("embedded")] | Annotated[RecordedEngineConfig, Tag("recorded")],
-                         Discriminator(_kind)]
+EngineSection = EmbeddedEngineConfig | RecordedEngineConfig | SGLangEngineConfig
+EngineConfig = Annotated[Annotated[EmbeddedEngineConfig, Tag("embedded")] | Annotated[RecordedEngineConfig, Tag("recorded")]
+                         | Annotated[SGLangEngineConfig, Tag("sglang")], Discriminator(_kind)]
 
 
-def build_engine(cfg: EmbeddedEngineConfig | RecordedEngineConfig, hf_config: PretrainedConfig) -> RolloutEngine:
-    """The engine ``cfg.kind`` names, for a model of ``hf_config`` (an embedded engine starts with
-    random weights: a weight sync brings the trainer's)."""
+def build_engine(cfg: EngineSection, hf_config: PretrainedConfig,
+                 workdir: Path, write_model_files: Callable[[Path], None]) -> RolloutEngine:
+    """The engine ``cfg.kind`` names, for a model of ``hf_config``. Engines start with random
+    weights: a weight sync brings the trainer's. An SGLang fleet keeps its logs and the model
+    directory it starts from (``write_model_files(dir)``: config and tokenizer) in ``workdir``."""
     if cfg.kind == "embedded":
         return EmbeddedEngine.from_hf_config(hf_config, cfg)
-    return RecordedRolloutEngine.load(cfg.path)
+    if cfg.kind == "recorded":
+        return RecordedRolloutEngine.load(cfg.path)
+    from megatron_opsd.rollout.sglang.engine import SGLangEngine
+    from megatron_opsd.rollout.sglang.fleet import Fleet
+
+    model_dir = workdir / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    write_model_files(model_dir)
+    api_key = os.environ.get(API_KEY_ENV) or (None if cfg.urls else secrets.token_urlsafe(24))
+    fleet = Fleet(cfg, workdir / "logs", api_key)
+    fleet.start(str(model_dir), version=0, load_format="dummy")
+    return SGLangEngine(fleet, cfg, hf_config.vocab_size, run_id=secrets.token_hex(4))

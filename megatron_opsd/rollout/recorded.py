@@ -51,6 +51,9 @@ class RecordedRolloutEngine:
     def health(self) -> EngineHealth:
         return EngineHealth(ok=True, detail=f"{len(self.records)} recorded prompts")
 
+    def close(self) -> None:
+        """Nothing to release: the recordings are in memory."""
+
     def save(self, path: str | Path) -> None:
         lines = [json.dumps({"prompt": list(p), "rollouts": [_record(r) for r in rs]}) for p, rs in self.records.items()]
         Path(path).write_text("\n".join(lines) + "\n")

@@ -10,6 +10,7 @@ the engine).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,10 @@ from megatron_opsd.models import checkpoint as model_checkpoint
 from megatron_opsd.models.bridge import load_hf_weights
 from megatron_opsd.models.checkpoint import ShardedStateful, Stateful
 from megatron_opsd.parallel import Layout, initialize
-from megatron_opsd.rollout.engine import RolloutEngine, SamplingParams
+from megatron_opsd.rollout.engine import RolloutEngine
 from megatron_opsd.rollout.factory import build_engine
-from megatron_opsd.rollout.sync import ProbeCheck, WeightSync, build_weight_sync
+from megatron_opsd.rollout.sync.base import ProbeCheck, WeightSync
+from megatron_opsd.rollout.sync.factory import build_weight_sync
 from megatron_opsd.train.checkpoint import (
     ModelState,
     OptimizerState,
@@ -45,6 +47,7 @@ from megatron_opsd.train.checkpoint import (
 )
 from megatron_opsd.train.config import TrainConfig, config_differences
 from megatron_opsd.train.optim import build_optimizer, use_distributed_optimizer, wrap_for_training
+from megatron_opsd.train.rollouts import RolloutSource
 from megatron_opsd.train.step import StepRunner
 
 log = logging.getLogger(__name__)
@@ -65,7 +68,7 @@ class Components:
     scheduler: OptimizerParamScheduler
     algorithm: Algorithm
     runner: StepRunner
-    sampling: SamplingParams         # the rollouts' sampling (each step sets n and its own seed)
+    rollouts: RolloutSource          # each step's problems and rollouts (at the step or one ahead)
     engine: RolloutEngine | None     # on global rank 0 when the run needs one, else None
     weight_sync: WeightSync | None   # on every rank when the engine samples from the trainer's weights
     pad_multiple: int                # packed rows are padded to it (sequence parallelism splits by TP)
@@ -76,15 +79,19 @@ class Components:
         """The checkpoint parts of this run, by name."""
         return {"model": ModelState(self.chunks), "optimizer": OptimizerState(self.optimizer, self.chunks),
                 "scheduler": self.scheduler, "data": self.data, "runner": self.runner, "rng": RNGState(),
-                **self.algorithm.states()}
+                **({"rollouts_ahead": self.rollouts} if self.rollouts.ahead else {}), **self.algorithm.states()}
 
     def write_hf_files(self, out: Path) -> None:
-        """The model's HF config and the tokenizer: what an HF export or a checkpoint needs besides the
-        weights. The config's dtype is the training dtype, which the weights are in."""
-        config = copy.deepcopy(self.hf_config)
-        config.dtype = getattr(torch, self.cfg.model.dtype)
-        config.save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
+        """The model's HF config and the tokenizer: what an HF export or a checkpoint needs besides the weights."""
+        write_hf_files(out, self.hf_config, self.cfg.model.dtype, self.tokenizer)
+
+
+def write_hf_files(out: Path, hf_config: PretrainedConfig, dtype: str, tokenizer: Any) -> None:
+    """``hf_config`` (its dtype: the training dtype, which exported weights are in) and the tokenizer, in ``out``."""
+    config = copy.deepcopy(hf_config)
+    config.dtype = getattr(torch, dtype)
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def build_components(cfg: TrainConfig) -> Components:
@@ -117,17 +124,24 @@ def build_components(cfg: TrainConfig) -> Components:
     runner = StepRunner(chunks, optimizer, scheduler, algorithm, cfg.step)
 
     needs_engine = algorithm.rollouts_per_prompt > 0 or bool(eval_problems)
-    engine = build_engine(cfg.rollout.engine, hf_config) if needs_engine and dist.get_rank() == 0 else None
+    run_dir = Path(cfg.run_dir)
+    write_files = functools.partial(write_hf_files, hf_config=hf_config, dtype=cfg.model.dtype, tokenizer=tokenizer)
+    engine = None
+    if needs_engine and dist.get_rank() == 0:
+        engine = build_engine(cfg.rollout.engine, hf_config, run_dir / "rollout", write_files)
     weight_sync = None
     if needs_engine:
         probe = ProbeCheck(chunks, _probe_ids(cfg, prompts, problems.problems[0], sampling.stop_token_ids),
                            logprob_temperature, cfg.rollout.sync.probe_tolerance, hf_config.vocab_size)
-        weight_sync = build_weight_sync(cfg.rollout.sync, engine, chunks, probe)
+        weight_sync = build_weight_sync(cfg.rollout.sync, engine, chunks, probe, cfg.rollout.engine,
+                                        Path(cfg.rollout.sync.dir or run_dir / "weights"), write_files)
+    data = ProblemIterator(problems, cfg.data.seed, cfg.data.shuffle)
+    rollouts = RolloutSource(data, prompts, sampling, algorithm.rollouts_per_prompt, cfg.prompts_per_step, cfg.seed,
+                             ahead=bool(cfg.rollout.async_), checks_versions=weight_sync is not None)
     return Components(
-        cfg=cfg, tokenizer=tokenizer, hf_config=hf_config, prompts=prompts,
-        data=ProblemIterator(problems, cfg.data.seed, cfg.data.shuffle), eval_problems=eval_problems,
+        cfg=cfg, tokenizer=tokenizer, hf_config=hf_config, prompts=prompts, data=data, eval_problems=eval_problems,
         chunks=chunks, optimizer=optimizer, scheduler=scheduler, algorithm=algorithm, runner=runner,
-        sampling=sampling, engine=engine, weight_sync=weight_sync,
+        rollouts=rollouts, engine=engine, weight_sync=weight_sync,
         pad_multiple=cfg.parallel.tp if chunks[0].config.sequence_parallel else 1, pad_id=tokenizer.pad_token_id or 0,
         resume_from=start if resume else None)
 

@@ -21,12 +21,14 @@ from megatron_opsd.models import ModelConfig
 from megatron_opsd.rollout.embedded import EmbeddedEngineConfig
 from megatron_opsd.rollout.engine import SamplingConfig
 from megatron_opsd.rollout.factory import EngineConfig
-from megatron_opsd.rollout.sync import SyncConfig
+from megatron_opsd.rollout.sync.base import SyncConfig
 from megatron_opsd.section import Section
 from megatron_opsd.tracking import TrackingConfig
 from megatron_opsd.train.checkpoint import CheckpointConfig
 from megatron_opsd.train.optim import OptimConfig
 from megatron_opsd.train.step import StepConfig
+
+SYNC_KINDS = {"embedded": ("inprocess",), "recorded": ("none",), "sglang": ("disk", "distributed")}
 
 
 class ParallelConfig(Section):
@@ -40,6 +42,9 @@ class RolloutConfig(SamplingConfig):
 
     engine: EngineConfig = Field(default_factory=EmbeddedEngineConfig, description="the rollout engine, by kind")
     sync: SyncConfig = SyncConfig()
+    async_: int = Field(default=0, ge=0, le=1, alias="async", description=(
+        "1: generate step t+1's rollouts while step t trains (from the weights one step older; exact on resume "
+        "too: they are checkpointed); 0: at the step"))
 
 
 class TrainEvalConfig(EvalConfig):
@@ -106,9 +111,9 @@ class TrainConfig(Section):
         if vocab is not None and vocab != loss.vocab_size:
             raise ValueError(f"algorithm.opsd.loss.vocab_size={loss.vocab_size} differs from the model's vocab_size={vocab}")
         engine, sync = self.rollout.engine.kind, self.rollout.sync
-        if (engine == "recorded") != (sync.kind == "none"):
-            raise ValueError(f"rollout.engine.kind={engine} needs rollout.sync.kind="
-                             f"{'none' if engine == 'recorded' else 'inprocess'}, not {sync.kind}")
+        if sync.kind not in SYNC_KINDS[engine]:
+            raise ValueError(f"rollout.engine.kind={engine} needs rollout.sync.kind {' or '.join(SYNC_KINDS[engine])}, "
+                             f"not {sync.kind}")
         if engine == "recorded" and self.eval.data is not None:
             raise ValueError("evaluation (eval.data) needs an engine that samples from the trainer's weights; "
                              "rollout.engine.kind=recorded replays recorded rollouts")

@@ -14,20 +14,19 @@ Choices:
   the rollouts of the uninterrupted one. For that the engine must hold the same weights as well,
   so ``checkpoint.interval`` must be a multiple of ``rollout.sync.interval`` (validated). The
   first sync happens before step 1 (and resyncs a resumed run), so the probe check runs before
-  anything is trained.
+  anything is trained. With ``rollout.async: 1`` step t+1's rollouts are drawn while step t
+  trains, from the weights before step t, and finish before the sync after it
+  (``train/rollouts.py``); they are checkpointed, so resuming stays exact.
 - SIGTERM (preemption) or SIGINT stops the run at the next step boundary, the same one on every
   rank, after writing a checkpoint there (``processes.StopRequests``, ``RunStopped``).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -41,7 +40,7 @@ from megatron_opsd.eval.evaluate import evaluate
 from megatron_opsd.models.bridge import write_hf_model
 from megatron_opsd.parallel import broadcast_from_rank0
 from megatron_opsd.platform import current_device
-from megatron_opsd.processes import RunStopped, StopRequests
+from megatron_opsd.processes import RunStopped, StopRequests, end_children_with_this_process
 from megatron_opsd.rollout.engine import rollout_samples, rollout_stats
 from megatron_opsd.tracking import Tracker
 from megatron_opsd.train.checkpoint import load_checkpoint, save_checkpoint
@@ -49,10 +48,6 @@ from megatron_opsd.train.components import Components, build_components
 from megatron_opsd.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(parts).generate_state(1)[0])
 
 
 class Trainer:
@@ -83,19 +78,15 @@ class Trainer:
         """The step's problems -> the algorithm's samples (via rollouts when it trains on them), and
         the rollout metrics."""
         c = self.c
-        problems = c.data.take(self.cfg.prompts_per_step)
-        n = c.algorithm.rollouts_per_prompt
-        if n == 0:
-            return c.algorithm.samples(problems, None), {}
-        prompts = [c.prompts.student_ids(problem) for problem in problems]
-        start = time.perf_counter()
-        params = dataclasses.replace(c.sampling, n=n, seed=_seed(self.cfg.seed, step))
-        rollouts = broadcast_from_rank0(lambda: c.engine.generate(prompts, params))
-        seconds = time.perf_counter() - start
-        flat = [r for group in rollouts for r in group]
-        metrics = {**rollout_stats(flat), "time/rollout": seconds,
-                   "tokens_per_s/rollout": sum(len(r.response_ids) for r in flat) / seconds}
-        return c.algorithm.samples(problems, rollout_samples(prompts, rollouts)), metrics
+        batch = c.rollouts.take(step, self.cfg.steps, c.engine)
+        if batch.rollouts is None:
+            return c.algorithm.samples(batch.problems, None), {}
+        flat = [r for group in batch.rollouts for r in group]
+        metrics = {**rollout_stats(flat), "time/rollout": batch.seconds,
+                   "tokens_per_s/rollout": sum(len(r.response_ids) for r in flat) / batch.seconds}
+        if c.weight_sync is not None:  # optimizer steps between the weights that sampled and those that train
+            metrics["rollout/weight_version_lag"] = float(step - 1 - batch.version)
+        return c.algorithm.samples(batch.problems, rollout_samples(batch.prompts, batch.rollouts)), metrics
 
     def _evaluate(self, step: int, tracker: Tracker) -> dict[str, float]:
         """Eval metrics as ``eval/<name>`` (computed on rank 0, known to every rank)."""
@@ -161,6 +152,7 @@ class Trainer:
             for step in steps:
                 metrics = {**pending, **self.train_step(step)}
                 pending = {}
+                self.c.rollouts.settle()  # the next step's, drawn ahead, come from the weights before this sync
                 evaluate_now = evaluates and (step == cfg.steps or (cfg.eval.interval and step % cfg.eval.interval == 0))
                 if sync is not None and (step % cfg.rollout.sync.interval == 0 or evaluate_now):
                     metrics.update(sync.push(version=step))
@@ -188,11 +180,18 @@ class Trainer:
 def train(cfg: TrainConfig, build: Callable[[TrainConfig], Components] = build_components) -> dict[str, Any] | None:
     """Run ``cfg`` on this process (alone, or as one rank under torchrun); tears down the process
     group it created. ``build`` makes the run's components (e.g. ``build_components`` with one
-    part replaced)."""
+    part replaced). Every process the run forks (checkpoint writers and their Manager) dies with it."""
+    end_children_with_this_process()
     owns_group = not dist.is_initialized()
+    components = None
     try:
-        return Trainer(build(cfg)).run()
+        components = build(cfg)
+        return Trainer(components).run()
     finally:
+        if components is not None:
+            components.rollouts.close()
+            if components.engine is not None:
+                components.engine.close()
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         if owns_group and dist.is_initialized():

@@ -8,16 +8,13 @@ metrics file's per-step losses with the uninterrupted run of ``tests.workers.tra
 """
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import signal
 
-import torch.distributed as dist
-
-from megatron_opsd.train.components import build_components
 from megatron_opsd.train.loop import train
 from tests.distributed import run_checks
+from tests.engines import failing_engine
 from tests.workers.trainer_common import RESUME, config, losses, save_json, work_path
 
 RUN = work_path("resumed")
@@ -29,34 +26,19 @@ def _config():
                   "checkpoint.keep_last=2")
 
 
-class DiesInStep4:
-    """The engine of rank 0, until it is asked for step 4's rollouts: then the whole node dies,
-    the checkpoint writer's helper processes too (as under SLURM, where the job's cgroup is killed)."""
-
-    def __init__(self, engine):
-        self.engine, self.calls = engine, 0
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def generate(self, prompts, params):
-        self.calls += 1
-        if self.calls == 4:
-            assert sorted(p.name for p in ROOT.glob("step_*")) == ["step_000002", "step_000003"]
-            (ROOT / ".step_000004.partial").mkdir()
-            (ROOT / ".step_000004.partial" / "half_written.distcp").write_bytes(b"\0" * 100)
-            for child in multiprocessing.active_children():
-                os.kill(child.pid, signal.SIGKILL)
-            os.kill(os.getpid(), signal.SIGKILL)
-        return self.engine.generate(prompts, params)
+def die_with_debris():
+    """When asked for step 4's rollouts the whole node dies, the checkpoint writer's helper
+    processes too (as under SLURM, where the job's cgroup is killed), amid a checkpoint's save."""
+    assert sorted(p.name for p in ROOT.glob("step_*")) == ["step_000002", "step_000003"]
+    (ROOT / ".step_000004.partial").mkdir()
+    (ROOT / ".step_000004.partial" / "half_written.distcp").write_bytes(b"\0" * 100)
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def check_first_three_then_killed():
-    def build(cfg):
-        c = build_components(cfg)
-        return dataclasses.replace(c, engine=DiesInStep4(c.engine) if dist.get_rank() == 0 else None)
-
-    train(_config(), build)
+    train(_config(), failing_engine(4, die_with_debris))
 
 
 def check_resume():

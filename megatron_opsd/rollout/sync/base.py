@@ -1,13 +1,14 @@
-"""Weight sync: how the trainer's weights reach the rollout engine, and the check that they did.
+"""The weight-sync contract: its config section, the strategy protocol, and the probe check.
 
 A :class:`WeightSync` owns the whole push of one version: export the weights, hand them to the
 engine (pausing it where it has requests in flight), bump its version, then run the probe check.
 It is collective: every trainer rank calls :meth:`WeightSync.push`, and the exporter's
-communication stays on the trainer's side; engines only ever see a stream of HF-named tensors.
+communication stays on the trainer's side; engines only ever see HF-named tensors.
 
 Strategies (``rollout.sync.kind``):
-- ``inprocess``: the embedded engine in global rank 0's process; the whole model is gathered on
-  rank 0 (:func:`~megatron_opsd.models.bridge.model_hf_tensors`) and copied in tensor by tensor.
+- ``inprocess``: the embedded engine in global rank 0's process (``inprocess.py``);
+- ``disk``: an HF directory per version on a path the servers share (``disk.py``);
+- ``distributed``: buckets broadcast from each pipeline stage to every server (``distributed.py``);
 - ``none``: the engine's rollouts do not come from the trainer's weights (recorded rollouts).
 
 Probe check: the engine's log-probs of a fixed probe sequence (the first training problem's
@@ -17,7 +18,6 @@ mapping can train anything.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
@@ -27,24 +27,34 @@ from megatron.core import parallel_state
 from megatron.core.utils import unwrap_model
 from pydantic import Field
 
-from megatron_opsd.models.bridge import drain, model_hf_tensors
 from megatron_opsd.models.forward import forward_only
 from megatron_opsd.models.gpt import attention_mask
 from megatron_opsd.parallel import broadcast_from_rank0
-from megatron_opsd.rollout.embedded import EmbeddedEngine
 from megatron_opsd.rollout.engine import ProbeMismatchError, RolloutEngine
 from megatron_opsd.section import Section
 
 
 class SyncConfig(Section):
-    kind: Literal["inprocess", "none"] = Field(
+    kind: Literal["inprocess", "disk", "distributed", "none"] = Field(
         default="inprocess", description="inprocess: stream the weights into the embedded engine in rank 0's "
-        "process; none: the engine's rollouts do not depend on the trainer's weights (recorded rollouts)")
+        "process; disk: an HF directory per version that every server loads (rollout.engine.kind sglang); "
+        "distributed: broadcast buckets from each pipeline stage to every server (sglang); none: the engine's "
+        "rollouts do not depend on the trainer's weights (recorded rollouts)")
     interval: int = Field(default=1, ge=1, description="steps between weight syncs into the engine (k)")
     probe_tolerance: float = Field(
         default=1e-2, gt=0, description="max |engine - trainer| log-prob on the probe sequence after a sync "
         "(fp32 agrees to ~1e-5; bf16 needs more)")
     probe_tokens: int = Field(default=64, ge=2, description="length of the probe sequence (a training prompt + its solution)")
+    dir: str | None = Field(
+        default=None, description="disk: where each version's HF directory is written, a path the servers read "
+        "too; distributed: where a version is written to restart a server from; default: run_dir/weights")
+    keep_last: int = Field(default=2, ge=1, description="disk: versions kept in dir (older ones are deleted)")
+    bucket_mb: float = Field(default=1024, gt=0, description="distributed: size of one broadcast bucket (MiB)")
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        default="auto", description="distributed: the weight group's backend; auto: nccl on GPUs, gloo on CPUs")
+    address: str | None = Field(
+        default=None, description="distributed: the address servers reach this node's stage senders at; default: "
+        "127.0.0.1 for a fleet on 127.0.0.1, else this host's address")
 
 
 class WeightSync(Protocol):
@@ -89,37 +99,3 @@ class ProbeCheck:
                 f"{self.tolerance}: the weights did not arrive intact (wrong HF name mapping, shape or dtype); "
                 f"stopping before training on rollouts of a different model")
         return float(worst)
-
-
-class InProcessSync:
-    """Streams the whole model into an :class:`EmbeddedEngine` living in global rank 0's process
-    (``engine`` is None on every other rank)."""
-
-    def __init__(self, engine: EmbeddedEngine | None, chunks: Sequence[torch.nn.Module], probe: ProbeCheck):
-        self.engine, self.chunks, self.probe = engine, [unwrap_model(c) for c in chunks], probe
-
-    def push(self, version: int) -> dict[str, float]:
-        start = time.perf_counter()
-        stream = model_hf_tensors(self.chunks)
-
-        def load() -> None:
-            try:
-                self.engine.update_weights(stream, version)
-            finally:
-                drain(stream)  # also after a refusal: the other ranks are in the exporter's collectives
-
-        if self.engine is None:
-            drain(stream)
-        broadcast_from_rank0(load)
-        seconds = time.perf_counter() - start
-        return {"time/weight_sync": seconds, "probe/logprob_abs_diff_max": self.probe(self.engine, version)}
-
-
-def build_weight_sync(cfg: SyncConfig, engine: RolloutEngine | None, chunks: Sequence[torch.nn.Module],
-                      probe: ProbeCheck) -> WeightSync | None:
-    """The strategy ``cfg.kind`` names; None for ``none``. ``engine`` is this rank's (None off rank 0)."""
-    if cfg.kind == "none":
-        return None
-    if engine is not None and not isinstance(engine, EmbeddedEngine):
-        raise ValueError(f"rollout.sync.kind=inprocess feeds the embedded engine, not {type(engine).__name__}")
-    return InProcessSync(engine, chunks, probe)

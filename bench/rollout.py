@@ -1,0 +1,97 @@
+"""What the HTTP path costs: the same rollouts through sglang-router + two ``opsd serve`` stand-ins
+against the embedded engine in this process (goal: <= 15% slower at 8 prompts x 256 tokens).
+
+Both sample the same sequences with the same per-sample seeds (checked: identical tokens), on the
+same CPU cores: the embedded engine with every core in one process, each stand-in with its share.
+Every response is exactly ``--tokens`` long (no stop token), so both do the same work.
+
+    python bench/rollout.py [--prompts 8] [--tokens 256] [--repeats 3] [--hidden 256] [--layers 4]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
+from megatron_opsd.rollout.engine import SamplingParams
+from megatron_opsd.rollout.sglang.config import SGLangEngineConfig
+from megatron_opsd.rollout.sglang.engine import SGLangEngine
+from megatron_opsd.rollout.sglang.fleet import Fleet
+
+
+def model_dir(root: Path, hidden: int, layers: int, vocab: int) -> Path:
+    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, tie_word_embeddings=True,
+                         max_position_embeddings=1024, architectures=["Qwen3ForCausalLM"])
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).save_pretrained(root / "model")
+    return root / "model"
+
+
+def timed(generate, repeats: int) -> tuple[float, list]:
+    """Median seconds of ``repeats`` calls (after one warm-up call), and the last result."""
+    result = generate()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = generate()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model_dir(Path(tmp), args.hidden, args.layers, args.vocab)
+        prompts = [torch.randint(args.vocab, (32 + 8 * i,), generator=torch.Generator().manual_seed(i)).tolist()
+                   for i in range(args.prompts)]
+        params = SamplingParams(temperature=1.0, top_p=0.95, top_k=50, max_new_tokens=args.tokens, stop_token_ids=(),
+                                seed=7)
+        torch.set_num_threads(cores)
+        embedded = EmbeddedEngine.from_pretrained(path, EmbeddedEngineConfig(max_batch_size=args.prompts))
+        local_s, local = timed(lambda: embedded.generate(prompts, params), args.repeats)
+
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // 2))  # each stand-in its share of the cores
+        cfg = SGLangEngineConfig.model_validate({
+            "kind": "sglang", "servers": {"count": 2, "command": ["python", "-m", "megatron_opsd.cli", "serve"],
+                                          "args": ["--max-batch-size", str(args.prompts)]},
+            "timeouts": {"startup_s": 300, "request_s": 600, "control_s": 300}})
+        fleet = Fleet(cfg, Path(tmp) / "logs", api_key="bench")
+        fleet.start(str(path), version=0)
+        engine = SGLangEngine(fleet, cfg, args.vocab, run_id="bench")
+        try:
+            fleet_s, remote = timed(lambda: engine.generate(prompts, params), args.repeats)
+        finally:
+            engine.close()
+    same = [[r.response_ids for r in g] for g in local] == [[r.response_ids for r in g] for g in remote]
+    tokens = args.prompts * args.tokens
+    print(f"rollouts: {args.prompts} prompts x {args.tokens} tokens, Qwen3 hidden {args.hidden} x {args.layers} layers, "
+          f"vocab {args.vocab}, {cores} cores; identical tokens: {same}")
+    print(f"  embedded engine (this process)   {local_s:7.2f} s  {tokens / local_s:8.0f} tokens/s")
+    print(f"  router + 2 stand-ins (HTTP)      {fleet_s:7.2f} s  {tokens / fleet_s:8.0f} tokens/s")
+    print(f"  HTTP path / embedded time: {fleet_s / local_s:.3f} (goal <= 1.15)")
+    if not same:
+        raise SystemExit("the two paths sampled different tokens: the comparison is not of the same work")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Seconds and GB/s of a weight sync of a ~1 GB model into two ``opsd serve`` stand-ins, by disk and
+by broadcast (gloo), against the raw operations on the same bytes measured in the same run (goal:
+each sync >= 0.5x its raw figure).
+
+- disk: ``DiskSync.push`` (export to an HF directory, both servers ``/update_weights_from_disk``,
+  flush, continue, version check) against a raw ``safetensors`` write of the same tensors plus one
+  read of them;
+- distributed: ``DistributedSync.push`` (bucketed gathers, HTTP calls and broadcasts, version
+  check; its groups already connected) against raw gloo broadcasts of the same bytes in the same
+  bucket sizes from this process to two receiver processes.
+The sync times do not include the probe check that follows each push (a forward pass, not a transfer).
+
+    python bench/weight_sync.py [--hidden 1024] [--layers 16] [--vocab 32000] [--bucket-mb 256]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from safetensors.torch import load_file, save_file
+from transformers import Qwen3Config
+
+from megatron_opsd.models import build_model
+from megatron_opsd.models.bridge import model_hf_tensors
+from megatron_opsd.parallel import Layout, initialize
+from megatron_opsd.rollout.sglang.config import SGLangEngineConfig
+from megatron_opsd.rollout.sglang.engine import SGLangEngine
+from megatron_opsd.rollout.sglang.fleet import Fleet, free_port
+from megatron_opsd.rollout.sglang.weight_group import init_weight_group
+from megatron_opsd.rollout.sync.base import ProbeCheck, SyncConfig
+from megatron_opsd.rollout.sync.disk import DiskSync
+from megatron_opsd.rollout.sync.distributed import DistributedSync
+
+GB = 1e9
+
+
+def receive(port: int, rank: int, sizes: list[int]) -> None:
+    """A raw receiver: join the group, take one broadcast per bucket size."""
+    group = init_weight_group("gloo", "127.0.0.1", port, 3, rank, "raw")
+    for size in sizes:
+        dist.broadcast(torch.empty(size, dtype=torch.uint8), group_src=0, group=group)
+
+
+def raw_broadcast(buffers: list[torch.Tensor]) -> float:
+    """Seconds to broadcast ``buffers`` from this process to two receiver processes (gloo)."""
+    port = free_port("127.0.0.1")
+    sizes = ",".join(str(b.numel()) for b in buffers)
+    receivers = [subprocess.Popen([sys.executable, __file__, "--receive", str(port), str(rank), sizes])
+                 for rank in (1, 2)]
+    group = init_weight_group("gloo", "127.0.0.1", port, 3, 0, "raw")
+    start = time.perf_counter()
+    for buffer in buffers:
+        dist.broadcast(buffer, group_src=0, group=group)
+    seconds = time.perf_counter() - start
+    for r in receivers:
+        r.wait(60)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--bucket-mb", type=float, default=256)
+    parser.add_argument("--receive", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.receive:
+        receive(int(args.receive[0]), int(args.receive[1]), [int(s) for s in args.receive[2].split(",")])
+        return
+
+    hf_config = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
+                            num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,
+                            head_dim=args.hidden // 16, tie_word_embeddings=False, max_position_embeddings=512,
+                            architectures=["Qwen3ForCausalLM"], dtype=torch.float32)
+    initialize(Layout())
+    chunks = build_model(hf_config, torch.float32)
+    tensors = dict(model_hf_tensors(chunks))
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        raw_file = root / "raw.safetensors"
+        start = time.perf_counter()
+        save_file(tensors, raw_file)
+        written = time.perf_counter()
+        loaded = load_file(raw_file)
+        sum(float(t.view(-1)[0]) for t in loaded.values())  # touch every tensor
+        raw_disk = time.perf_counter() - start
+        raw_write = written - start
+        del loaded
+        raw_file.unlink()
+
+        bucket_bytes = int(args.bucket_mb * 2**20)
+        flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors.values()])
+        buffers = list(flat.split(bucket_bytes))
+        raw_dist = raw_broadcast(buffers)
+        del flat, buffers, tensors
+
+        (root / "model").mkdir()
+        hf_config.save_pretrained(root / "model")
+        os.environ["OMP_NUM_THREADS"] = "1"
+        cfg = SGLangEngineConfig.model_validate({
+            "kind": "sglang", "servers": {"count": 2, "command": ["python", "-m", "megatron_opsd.cli", "serve"]},
+            "timeouts": {"startup_s": 600, "request_s": 600, "control_s": 600}})
+        fleet = Fleet(cfg, root / "logs", api_key="bench")
+        fleet.start(str(root / "model"), version=0, load_format="dummy")
+        engine = SGLangEngine(fleet, cfg, args.vocab, run_id="bench")
+        probe = ProbeCheck(chunks, list(range(1, 65)), 1.0, 1e-3, args.vocab)
+        try:
+            disk = DiskSync(engine, chunks, probe, root / "weights", 1, hf_config.save_pretrained)
+            disk_metrics = disk.push(version=1)
+            broadcast = DistributedSync(engine, chunks, probe, SyncConfig(kind="distributed", bucket_mb=args.bucket_mb),
+                                        root / "weights", hf_config.save_pretrained, "127.0.0.1", 600)
+            broadcast.push(version=2)  # connects the groups
+            dist_metrics = broadcast.push(version=3)
+        finally:
+            engine.close()
+    disk_s = disk_metrics["time/weight_sync_write"] + disk_metrics["time/weight_sync_load"]
+    dist_s = dist_metrics["time/weight_sync"]
+    print(f"weight sync of {nbytes / GB:.2f} GB (Qwen3 hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}, "
+          f"fp32) into 2 stand-ins; buckets of {args.bucket_mb:g} MiB")
+    print(f"  raw safetensors write + read        {raw_disk:6.2f} s  {nbytes / GB / raw_disk:5.2f} GB/s "
+          f"(write {raw_write:.2f} s)")
+    print(f"  disk sync (export + 2 servers load) {disk_s:6.2f} s  {nbytes / GB / disk_s:5.2f} GB/s "
+          f"(export {disk_metrics['time/weight_sync_write']:.2f} s, load {disk_metrics['time/weight_sync_load']:.2f} s)"
+          f"  ratio {raw_disk / disk_s:.2f} (goal >= 0.5)")
+    print(f"  raw gloo broadcast to 2 receivers   {raw_dist:6.2f} s  {nbytes / GB / raw_dist:5.2f} GB/s")
+    print(f"  distributed sync (gloo)             {dist_s:6.2f} s  {nbytes / GB / dist_s:5.2f} GB/s"
+          f"  ratio {raw_dist / dist_s:.2f} (goal >= 0.5)")
+
+
+if __name__ == "__main__":
+    main()

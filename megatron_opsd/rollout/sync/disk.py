@@ -1,0 +1,65 @@
+"""``rollout.sync.kind: disk``: each version as a Hugging Face directory on a path the servers
+share, loaded by every server with ``/update_weights_from_disk``.
+
+Per push: the exporter writes ``dir/step_<version>`` (collective; the directory appears only when
+complete, so a server never reads half a version) -> rank 0 has every server pause (abort mode:
+nothing in flight), load it with its ``weight_version``, flush and continue, restarting from it
+any server that fails -> all servers' versions are checked -> versions beyond ``keep_last`` are
+deleted -> the probe check. The newest directory is also what a dead server restarts from.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from megatron.core.utils import unwrap_model
+
+from megatron_opsd.models.bridge import write_hf_model
+from megatron_opsd.parallel import broadcast_from_rank0
+from megatron_opsd.rollout.sglang.engine import SGLangEngine
+from megatron_opsd.rollout.sync.base import ProbeCheck
+
+
+def version_dir(root: Path, version: int) -> Path:
+    return root / f"step_{version:06d}"
+
+
+def export_version(chunks: Sequence[torch.nn.Module], root: Path, version: int,
+                   write_files: Callable[[Path], None]) -> Path:
+    """Write ``version`` of the weights under ``root`` (collective); its directory."""
+    return write_hf_model(list(chunks), version_dir(root, version), write_files, overwrite=True)
+
+
+def keep_newest(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` version directories under ``root``."""
+    versions = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in versions[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class DiskSync:
+    """Every server loads each version from ``root`` (``engine``: rank 0's, None elsewhere)."""
+
+    def __init__(self, engine: SGLangEngine | None, chunks: Sequence[torch.nn.Module], probe: ProbeCheck,
+                 root: Path, keep_last: int, write_files: Callable[[Path], None]):
+        self.engine, self.chunks, self.probe = engine, [unwrap_model(c) for c in chunks], probe
+        self.root, self.keep_last, self.write_files = root, keep_last, write_files
+
+    def push(self, version: int) -> dict[str, float]:
+        start = time.perf_counter()
+        path = export_version(self.chunks, self.root, version, self.write_files)
+        written = time.perf_counter()
+
+        def load() -> int:
+            restarted = self.engine.load_from_disk(path, version)
+            keep_newest(self.root, self.keep_last)
+            return len(restarted)
+
+        restarted = broadcast_from_rank0(load)
+        end = time.perf_counter()
+        return {"time/weight_sync": end - start, "time/weight_sync_write": written - start,
+                "time/weight_sync_load": end - written, "weight_sync/servers_restarted": float(restarted),
+                "probe/logprob_abs_diff_max": self.probe(self.engine, version)}

@@ -1,0 +1,263 @@
+"""``rollout.sync.kind: distributed``: the weights broadcast in buckets from each pipeline stage to
+every TP rank of every server, over a process group per stage (NCCL on GPUs, gloo on CPUs).
+
+Groups (once, at the first push): stage ``s``'s sender (``bridge.is_stage_sender``: its first TP
+rank of data-parallel replica 0) is rank 0 of group ``opsd-pp_<s>-<nonce>`` and hosts its store;
+server ``i``'s TP ranks are ``1 + sum(tp of servers before i) + tp_rank``. Rank 0 fires every
+server's ``/init_weights_update_group`` while the sender joins (both block in the rendezvous).
+Stages connect one after another, because a real server handles one control call at a time.
+
+Per push: rank 0 pauses every server (abort mode), flushes and opens a weight-update session
+(``/begin_weight_update``); then every bucket in turn, in the order the plan fixed at connect
+time (each stage's tensors in module order, cut at ``bucket_mb``): rank 0 fires the bucket's
+``/update_weights_from_distributed`` (names, dtypes, shapes, ``flattened_bucket``) at every
+server, the stage's TP ranks gather the bucket's tensors and its sender broadcasts them as one
+buffer, and all trainer ranks agree (one all-reduce) whether every server took it. No rank ever
+holds more than its stage's tensors of one bucket. Then ``/end_weight_update``, continue, and the
+versions are checked.
+
+A failure (a server that dies, refuses a bucket, or times out) stops the push at that bucket for
+every rank at once. The servers may hold partial weights, so the version is written to disk
+(``rollout.sync.dir``) and every server loads it, the ones that failed restarted from it; the
+groups are rebuilt at the next push.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.utils import unwrap_model
+
+from megatron_opsd.models.bridge import is_stage_sender, stage_hf_shapes, stage_hf_tensors
+from megatron_opsd.parallel import broadcast_from_rank0
+from megatron_opsd.platform import current_device
+from megatron_opsd.rollout.sglang.client import Server, SGLangError
+from megatron_opsd.rollout.sglang.engine import SGLangEngine
+from megatron_opsd.rollout.sglang.fleet import free_port
+from megatron_opsd.rollout.sglang.protocol import flatten_bucket
+from megatron_opsd.rollout.sglang.weight_group import destroy_weight_group, init_weight_group
+from megatron_opsd.rollout.sync.base import ProbeCheck, SyncConfig
+from megatron_opsd.rollout.sync.disk import export_version, keep_newest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """The tensors of one broadcast: a slice of one stage's tensors, in order."""
+
+    stage: int
+    names: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+
+def plan_buckets(stages: Sequence[Sequence[tuple[str, tuple[int, ...]]]], dtype: torch.dtype,
+                 bucket_bytes: int) -> list[Bucket]:
+    """Each stage's (name, shape) list cut into buckets of at most ``bucket_bytes`` (a larger tensor
+    is a bucket of its own), stage after stage."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    buckets: list[Bucket] = []
+    for stage, shapes in enumerate(stages):
+        current: list[tuple[str, tuple[int, ...]]] = []
+        size = 0
+        for name, shape in shapes:
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            if current and size + nbytes > bucket_bytes:
+                buckets.append(_bucket(stage, current, dtype_name))
+                current, size = [], 0
+            current.append((name, tuple(shape)))
+            size += nbytes
+        if current:
+            buckets.append(_bucket(stage, current, dtype_name))
+    return buckets
+
+
+def _bucket(stage: int, items: list[tuple[str, tuple[int, ...]]], dtype: str) -> Bucket:
+    return Bucket(stage, tuple(n for n, _ in items), (dtype,) * len(items), tuple(s for _, s in items))
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Where stage ``stage``'s sender hosts its group's rendezvous."""
+
+    stage: int
+    address: str
+    port: int
+
+
+class DistributedSync:
+    """Bucketed broadcasts from every stage's sender to every server (``engine``: rank 0's, None
+    elsewhere). ``host`` is the address the fleet binds (the default sender address follows it)."""
+
+    def __init__(self, engine: SGLangEngine | None, chunks: Sequence[torch.nn.Module], probe: ProbeCheck,
+                 cfg: SyncConfig, root: Path, write_files: Callable[[Path], None], host: str, timeout_s: float):
+        self.engine, self.chunks, self.probe = engine, [unwrap_model(c) for c in chunks], probe
+        self.cfg, self.root, self.write_files, self.timeout_s = cfg, root, write_files, timeout_s
+        self.address = cfg.address or ("127.0.0.1" if host in ("127.0.0.1", "localhost") else
+                                       socket.gethostbyname(socket.gethostname()))
+        self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+        self.dtype = self.chunks[0].config.params_dtype
+        self.group: dist.ProcessGroup | None = None  # this rank's weight group (stage senders)
+        self.senders: list[Sender] = []
+        self.buckets: list[Bucket] = []
+        self.tp_sizes: list[int] = []  # rank 0: each server's TP size (its /server_info)
+        self.connected = False
+        self.nonce = ""  # names this connection's groups
+        self.failed: set[int] = set()  # rank 0: the servers that failed the current push
+
+    # -- groups ----------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        """Create every stage's weight group with every server (collective)."""
+        mine = None
+        if is_stage_sender():
+            mine = (Sender(ps.get_pipeline_model_parallel_rank(), self.address, free_port(self.address)),
+                    stage_hf_shapes(self.chunks))
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        stages = sorted((g for g in gathered if g is not None), key=lambda g: g[0].stage)
+        self.senders = [sender for sender, _ in stages]
+        self.buckets = plan_buckets([shapes for _, shapes in stages], self.dtype, int(self.cfg.bucket_mb * 2**20))
+        if self.engine is not None:
+            self.tp_sizes = [int(s.call("GET", "/server_info")["tp_size"]) for s in self.engine.fleet.servers]
+        world, self.nonce = broadcast_from_rank0(lambda: (1 + sum(self.tp_sizes), secrets.token_hex(3)))
+        for sender in self.senders:
+            name = self.group_name(sender.stage)
+            pending = self._fire(lambda server, offset, s=sender, n=name: server.init_weights_update_group(
+                s.address, s.port, offset, world, n, self.backend))
+            joined = True
+            if mine is not None and mine[0].stage == sender.stage:
+                try:
+                    self.group = init_weight_group(self.backend, sender.address, sender.port, world, 0, name,
+                                                   self.timeout_s)
+                except Exception:  # every rank learns of it below
+                    log.exception("stage %d: could not create weight group %s", sender.stage, name)
+                    joined = False
+            if not self._all_ok(joined, pending):
+                raise SGLangError(f"could not create weight group {name} with every server (sender "
+                                  f"{sender.address}:{sender.port})")
+        self.connected = True
+
+    def group_name(self, stage: int) -> str:
+        """Stage ``stage``'s group in this connection (a new name per connection: a server may still
+        hold the group of one that failed)."""
+        return f"opsd-pp_{stage}-{self.nonce}"
+
+    def _fire(self, call: Callable[..., None]) -> list[tuple[int, Future]]:
+        """Rank 0: ``call(server, rank_offset)`` on every server in threads, not waited for (the
+        calls that join a collective return only once the trainer's side has joined it too)."""
+        if self.engine is None:
+            return []
+        pool = ThreadPoolExecutor(len(self.engine.fleet.members))
+        offsets = [1 + sum(self.tp_sizes[:i]) for i in range(len(self.engine.fleet.members))]
+        futures = [(m.index, pool.submit(call, m.server, offset)) for m, offset in zip(self.engine.fleet.members, offsets)]
+        pool.shutdown(wait=False)
+        return futures
+
+    def _all_ok(self, ok_here: bool, pending: list[tuple[int, Future]]) -> bool:
+        """Whether this rank's part and (rank 0) every server call succeeded, on every rank
+        (collective); the servers that failed join ``failed``."""
+        for index, future in pending:
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - logged; the push is recovered from disk
+                log.warning("server %d: %s", index, exc)
+                self.failed.add(index)
+                ok_here = False
+        flag = torch.tensor(0 if ok_here else 1, device=current_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return not bool(flag)
+
+    def _disconnect(self) -> None:
+        """Drop every weight group (after a failure): the next push builds them anew."""
+        if self.group is not None:
+            destroy_weight_group(self.group)
+            self.group = None
+        if self.engine is not None:
+            for sender in self.senders:
+                self.engine.each_server(Server.destroy_weights_update_group, self.group_name(sender.stage))
+        self.connected = False
+
+    # -- push ------------------------------------------------------------------------------------
+
+    def push(self, version: int) -> dict[str, float]:
+        start = time.perf_counter()
+        self.failed = set()
+        healthy = broadcast_from_rank0(lambda: not self.engine.fleet.dead())
+        sent = healthy and self._try_connect() and self._stream(version)
+        restarted = 0 if sent else self._recover(version)
+        return {"time/weight_sync": time.perf_counter() - start, "weight_sync/servers_restarted": float(restarted),
+                "probe/logprob_abs_diff_max": self.probe(self.engine, version)}
+
+    def _try_connect(self) -> bool:
+        if not self.connected:
+            try:
+                self._connect()
+            except SGLangError as exc:
+                log.warning("%s; this version goes by disk", exc)
+                return False
+        return True
+
+    def _stream(self, version: int) -> bool:
+        """Send every bucket (collective); False when a server or sender failed (the push stopped there)."""
+        if not self._all_ok(True, self._fire(lambda server, _: _open_session(server))):
+            return False
+        my_stage = ps.get_pipeline_model_parallel_rank()
+        stream: Iterator | None = None
+        for bucket in self.buckets:
+            pending = self._fire(lambda server, _, b=bucket: self.request_bucket(server, b, version))
+            ok = True
+            if bucket.stage == my_stage:
+                stream = stream or stage_hf_tensors(self.chunks, self.dtype, placeholders=True)
+                tensors = [tensor for _, (_, tensor) in zip(bucket.names, stream)]
+                if self.group is not None:
+                    ok = self._broadcast(bucket, tensors)
+            if not self._all_ok(ok, pending):
+                return False
+        if self.engine is not None:
+            self.engine.each_server(Server.end_weight_update, check=True)
+            self.engine.each_server(Server.resume, check=True)
+            self.engine.check_versions(version)
+        return True
+
+    def request_bucket(self, server: Server, bucket: Bucket, version: int) -> None:
+        """One server's ``/update_weights_from_distributed`` of ``bucket``."""
+        server.update_weights_from_distributed(list(bucket.names), list(bucket.dtypes),
+                                               [list(s) for s in bucket.shapes], self.group_name(bucket.stage), version)
+
+    def _broadcast(self, bucket: Bucket, tensors: list[torch.Tensor]) -> bool:
+        try:
+            dist.broadcast(flatten_bucket(tensors), group_src=0, group=self.group)
+        except Exception:  # every rank learns of it; the push is recovered from disk
+            log.exception("stage %d: the broadcast of a bucket of %d tensors failed", bucket.stage, len(tensors))
+            return False
+        return True
+
+    def _recover(self, version: int) -> int:
+        """Every server loads ``version`` from disk, the failed ones restarted (collective); how many were."""
+        self._disconnect()
+        path = export_version(self.chunks, self.root, version, self.write_files)
+
+        def load() -> int:
+            self.engine.each_server(Server.end_weight_update)  # a session left open (400 where none is)
+            restarted = self.engine.load_from_disk(path, version, poisoned=self.failed)
+            keep_newest(self.root, self.cfg.keep_last)
+            return len(restarted)
+
+        return broadcast_from_rank0(load)
+
+
+def _open_session(server: Server) -> None:
+    server.pause("abort")
+    server.flush_cache()
+    server.begin_weight_update()

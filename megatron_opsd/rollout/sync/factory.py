@@ -1,0 +1,40 @@
+"""The one place a weight sync is built from ``rollout.sync`` (``kind``), for the engine it feeds."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from megatron_opsd.rollout.embedded import EmbeddedEngine
+from megatron_opsd.rollout.engine import RolloutEngine
+from megatron_opsd.rollout.factory import EngineSection
+from megatron_opsd.rollout.sglang.config import SGLangEngineConfig
+from megatron_opsd.rollout.sglang.engine import SGLangEngine
+from megatron_opsd.rollout.sync.base import ProbeCheck, SyncConfig, WeightSync
+from megatron_opsd.rollout.sync.disk import DiskSync
+from megatron_opsd.rollout.sync.distributed import DistributedSync
+from megatron_opsd.rollout.sync.inprocess import InProcessSync
+
+FEEDS = {"inprocess": EmbeddedEngine, "disk": SGLangEngine, "distributed": SGLangEngine}
+
+
+def build_weight_sync(cfg: SyncConfig, engine: RolloutEngine | None, chunks: Sequence[torch.nn.Module],
+                      probe: ProbeCheck, engine_cfg: EngineSection, root: Path,
+                      write_files: Callable[[Path], None]) -> WeightSync | None:
+    """The strategy ``cfg.kind`` names; None for ``none``. ``engine`` is this rank's (None off rank
+    0), built from ``engine_cfg``; versions are written under ``root`` (disk, and distributed's
+    recovery), each with ``write_files(dir)`` (config, tokenizer)."""
+    if cfg.kind == "none":
+        return None
+    if engine is not None and not isinstance(engine, FEEDS[cfg.kind]):
+        raise ValueError(f"rollout.sync.kind={cfg.kind} feeds the {FEEDS[cfg.kind].__name__}, not "
+                         f"{type(engine).__name__}")
+    if cfg.kind == "inprocess":
+        return InProcessSync(engine, chunks, probe)
+    if cfg.kind == "disk":
+        return DiskSync(engine, chunks, probe, root, cfg.keep_last, write_files)
+    if not isinstance(engine_cfg, SGLangEngineConfig):
+        raise TypeError(f"rollout.sync.kind=distributed feeds SGLang servers, not rollout.engine.kind={engine_cfg.kind}")
+    return DistributedSync(engine, chunks, probe, cfg, root, write_files, engine_cfg.host,
+                           engine_cfg.timeouts.control_s)

@@ -1,0 +1,224 @@
+"""The SGLang contract both ways, against fixtures in SGLang 0.5.23's shapes (tests/fixtures/sglang):
+the client builds and parses them, and ``opsd serve`` (in process, FastAPI's test client) answers
+in them, with SGLang's status codes and blocking behaviour."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load_file, save_file
+
+from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
+from megatron_opsd.rollout.engine import SamplingParams
+from megatron_opsd.rollout.sglang.protocol import (
+    MalformedReplyError,
+    generate_request,
+    parse_generate,
+    parse_input_logprobs,
+)
+from megatron_opsd.rollout.sglang.standin import StandIn, build_app
+from tests.tiny_models import save_tiny_model
+
+FIXTURES = Path(__file__).parent / "fixtures" / "sglang"
+KEY = "test-key"
+
+
+def fixture(name: str):
+    return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+def assert_shape(got, want, where: str = "") -> None:
+    """``got`` has every key of ``want`` (recursively) with a value of the same JSON type."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict), f"{where}: {got!r} is not an object"
+        for key, value in want.items():
+            assert key in got, f"{where}: no key {key!r} in {sorted(got)}"
+            assert_shape(got[key], value, f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list), f"{where}: {got!r} is not a list"
+        if want and got:
+            assert_shape(got[0], want[0], f"{where}[0]")
+    elif want is not None and got is not None:
+        number = (int, float)
+        same = isinstance(got, number) if isinstance(want, number) and not isinstance(want, bool) else \
+            type(got) is type(want)
+        assert same, f"{where}: {got!r} is not like {want!r}"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model("qwen3", tmp_path_factory.mktemp("standin") / "hf")
+
+
+@pytest.fixture
+def served(model_dir):
+    state = StandIn(EmbeddedEngine.from_pretrained(model_dir, EmbeddedEngineConfig(max_batch_size=8)), str(model_dir),
+                    "0", max_batch_size=8)
+    with TestClient(build_app(state, KEY)) as client:
+        client.headers["Authorization"] = f"Bearer {KEY}"
+        yield client, state
+
+
+def body(prompt=(1, 2, 3), rid="r1", max_new_tokens=4, temperature=0.7, **extra):
+    params = SamplingParams(temperature=temperature, top_p=0.95, top_k=20, max_new_tokens=max_new_tokens,
+                            stop_token_ids=(2,))
+    return {**generate_request(prompt, params, rid, seed=1234), **extra}
+
+
+# -- the client's side --------------------------------------------------------------------------
+
+def test_client_request_is_sglangs():
+    params = SamplingParams(temperature=0.7, top_p=0.95, top_k=20, max_new_tokens=4, stop_token_ids=(2,))
+    assert generate_request([11, 12, 13], params, "run-c000000-s000000-a01", seed=1234) == fixture("generate_request")
+
+
+def test_client_parses_replies():
+    stop = parse_generate(fixture("generate_reply"), "run-c000000-s000000-a01", 100, "s")
+    assert (stop.response_ids, stop.logprobs, stop.finish_reason, stop.weight_version) == \
+        ((31, 17, 2), (-0.0123, -1.52, -0.003), "stop", 7)
+    assert parse_generate(fixture("generate_reply_length"), "run-c000000-s000001-a01", 100, "s").finish_reason == "length"
+    assert parse_generate(fixture("generate_reply_abort"), "run-c000000-s000002-a01", 100, "s") is None
+    assert parse_input_logprobs(fixture("generate_reply_input_logprobs"), "run-probe000001-0", [11, 12, 13, 14],
+                                "s") == [-3.5, -0.75, -1.25]
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda r: r.update(output_ids=[31, 17, 999]), r"output_ids \[999\] outside the vocabulary"),
+    (lambda r: r["meta_info"]["output_token_logprobs"].pop(), "2 output_token_logprobs for 3 output_ids"),
+    (lambda r: r["meta_info"].pop("finish_reason"), "finish_reason None is not stop, length or abort"),
+    (lambda r: r["meta_info"].pop("weight_version"), "weight_version None is not an integer version"),
+    (lambda r: r.pop("meta_info"), "not an object with meta_info"),
+    (lambda r: r["meta_info"].update(id="other"), "the reply is for rid 'other'"),
+])
+def test_client_names_what_is_wrong_in_a_reply(corrupt, message):
+    reply = fixture("generate_reply")
+    corrupt(reply)
+    with pytest.raises(MalformedReplyError, match=f"server-x rid r: .*{message}"):
+        parse_generate(reply, "run-c000000-s000000-a01", 100, "server-x rid r")
+
+
+# -- the stand-in's side ------------------------------------------------------------------------
+
+def test_standin_answers_in_sglangs_shapes(served, model_dir):
+    client, _ = served
+    reply = client.post("/generate", json=body(rid="run-c000000-s000000-a01"))
+    assert reply.status_code == 200
+    kind = reply.json()["meta_info"]["finish_reason"]["type"]
+    assert_shape(reply.json(), fixture({"stop": "generate_reply", "length": "generate_reply_length"}[kind]), "generate")
+    probe = client.post("/generate", json=body(rid="p", max_new_tokens=1, logprob_start_len=0)).json()
+    assert_shape(probe, fixture("generate_reply_input_logprobs"), "generate(logprob_start_len=0)")
+    assert probe["meta_info"]["input_token_logprobs"][0][0] is None
+    batch = client.post("/generate", json={**body(), "input_ids": [[1, 2], [3, 4, 5]], "rid": ["a", "b"]}).json()
+    assert [r["meta_info"]["id"] for r in batch] == ["a", "b"]
+    for path, name in [("/model_info", "model_info"), ("/server_info", "server_info"), ("/v1/loads", "v1_loads")]:
+        assert_shape(client.get(path).json(), fixture(name), path)
+    for path in ("pause_generation", "continue_generation", "begin_weight_update", "end_weight_update"):
+        f = fixture(path)
+        assert_shape(client.post(f"/{path}", json=f["request"]).json(), f["reply"], path)
+    f = fixture("end_weight_update")
+    failure = client.post("/end_weight_update", json=f["request"])
+    assert failure.status_code == 400 and failure.json().keys() == f["failure"].keys()
+    f = fixture("update_weight_version")
+    assert client.post("/update_weight_version", json=f["request"]).json() == f["reply"]
+    assert client.get("/model_info").json()["weight_version"] == "7"
+    assert client.post("/flush_cache").text == fixture("flush_cache")["ok"]
+    f = fixture("destroy_weights_update_group")
+    failure = client.post("/destroy_weights_update_group", json=f["request"])
+    assert (failure.status_code, failure.json()) == (400, f["failure"])
+
+
+def test_unknown_sampling_key_is_a_400(served):
+    client, _ = served
+    request = body()
+    request["sampling_params"]["beam_width"] = 4
+    reply = client.post("/generate", json=request)
+    assert (reply.status_code, reply.json()) == (400, fixture("error_unknown_sampling_key"))
+
+
+def test_every_endpoint_but_health_wants_the_key(model_dir):
+    state = StandIn(EmbeddedEngine.from_pretrained(model_dir, EmbeddedEngineConfig()), str(model_dir), "0", 8)
+    with TestClient(build_app(state, KEY)) as client:
+        assert client.get("/health").status_code == 200  # as in SGLang: the router probes it without a key
+        for method, path in [("POST", "/generate"), ("GET", "/model_info"), ("POST", "/pause_generation"),
+                             ("POST", "/update_weights_from_disk"), ("POST", "/init_weights_update_group")]:
+            reply = client.request(method, path, json={})
+            assert (reply.status_code, reply.json()) == (401, fixture("unauthorized")), path
+        wrong = client.get("/model_info", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+
+
+def _in_thread(fn):
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("value", fn()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_generate_blocks_while_paused(served):
+    client, _ = served
+    assert client.post("/pause_generation", json={"mode": "abort"}).status_code == 200
+    thread, out = _in_thread(lambda: client.post("/generate", json=body()))
+    thread.join(1.0)
+    assert thread.is_alive(), "a paused server answered a generate"
+    client.post("/continue_generation", json={})
+    thread.join(30)
+    assert out["value"].status_code == 200
+    assert out["value"].json()["meta_info"]["finish_reason"]["type"] in ("stop", "length")
+
+
+def _running(state: StandIn) -> None:
+    deadline = time.monotonic() + 30
+    while not state.running:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.01)
+
+
+def test_abort_is_a_200_with_partial_tokens_and_flush_refuses_while_busy(served):
+    client, state = served
+    thread, out = _in_thread(lambda: client.post("/generate", json=body(rid="run-c1-s1", max_new_tokens=200)))
+    _running(state)
+    flush = client.post("/flush_cache")
+    assert (flush.status_code, flush.text) == (400, fixture("flush_cache")["busy"])
+    client.post("/abort_request", json={"rid": "run-c1-", "abort_all": False})  # by prefix
+    thread.join(30)
+    reply = out["value"].json()
+    assert out["value"].status_code == 200
+    assert_shape(reply, fixture("generate_reply_abort"), "aborted")
+    assert reply["meta_info"]["finish_reason"]["type"] == "abort"
+    assert 0 < len(reply["output_ids"]) < 200
+
+
+def test_retract_pause_restarts_running_requests_after_continue(served):
+    client, state = served
+    expected = client.post("/generate", json=body(rid="once", max_new_tokens=60, temperature=1.0)).json()
+    thread, out = _in_thread(lambda: client.post("/generate", json=body(rid="twice", max_new_tokens=60,
+                                                                        temperature=1.0)))
+    _running(state)
+    client.post("/pause_generation", json={"mode": "retract"})
+    thread.join(0.5)
+    assert thread.is_alive()
+    client.post("/continue_generation", json={})
+    thread.join(30)
+    got = out["value"].json()
+    assert got["output_ids"] == expected["output_ids"]  # the same seed: restarted, same rollout
+
+
+def test_failed_disk_update_rolls_back(served, tmp_path):
+    client, _ = served
+    before = client.post("/generate", json=body(temperature=0.0)).json()["output_ids"]
+    other = save_tiny_model("qwen3", tmp_path / "other", seed=5)
+    tensors = {k: v for f in sorted(other.glob("*.safetensors")) for k, v in load_file(f).items()}
+    tensors["model.norm.weight"] = torch.ones(3)  # every other tensor loads first, then this one fails
+    (tmp_path / "bad").mkdir()
+    save_file(tensors, tmp_path / "bad" / "model.safetensors")
+    reply = client.post("/update_weights_from_disk", json={"model_path": str(tmp_path / "bad"), "weight_version": "9"})
+    assert reply.status_code == 400 and not reply.json()["success"]
+    assert_shape(reply.json(), fixture("update_weights_from_disk")["failure"], "failure")
+    assert "Rolling back" in reply.json()["message"]
+    assert client.get("/model_info").json()["weight_version"] == "0"
+    assert client.post("/generate", json=body(temperature=0.0)).json()["output_ids"] == before

@@ -1,5 +1,6 @@
 """What the HTTP path costs: the same rollouts through sglang-router + two ``opsd serve`` stand-ins
-against the embedded engine in this process (goal: <= 15% slower at 8 prompts x 256 tokens).
+against the embedded engine in this process (goal: <= 15% slower at 8 prompts x 256 tokens); and
+through the router and one stand-in with every core, which isolates the HTTP path's own cost.
 
 Both sample the same sequences with the same per-sample seeds (checked: identical tokens), on the
 same CPU cores: the embedded engine with every core in one process, each stand-in with its share.
@@ -70,27 +71,38 @@ def main() -> None:
         embedded = EmbeddedEngine.from_pretrained(path, EmbeddedEngineConfig(max_batch_size=args.prompts))
         local_s, local = timed(lambda: embedded.generate(prompts, params), args.repeats)
 
-        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // 2))  # each stand-in its share of the cores
-        cfg = SGLangEngineConfig.model_validate({
-            "kind": "sglang", "servers": {"count": 2, "command": ["python", "-m", "megatron_opsd.cli", "serve"],
-                                          "args": ["--max-batch-size", str(args.prompts)]},
-            "timeouts": {"startup_s": 300, "request_s": 600, "control_s": 300}})
-        fleet = Fleet(cfg, Path(tmp) / "logs", api_key="bench")
-        fleet.start(str(path), version=0)
-        engine = SGLangEngine(fleet, cfg, args.vocab, run_id="bench")
-        try:
-            fleet_s, remote = timed(lambda: engine.generate(prompts, params), args.repeats)
-        finally:
-            engine.close()
-    same = [[r.response_ids for r in g] for g in local] == [[r.response_ids for r in g] for g in remote]
+        fleets = {}
+        for count in (1, 2):  # one server with every core (the HTTP path alone), two with half each
+            os.environ["OMP_NUM_THREADS"] = str(max(1, cores // count))
+            fleets[count] = fleet_time(path, prompts, params, count, args)
+    local_ids = [[r.response_ids for r in g] for g in local]
+    same = all(local_ids == [[r.response_ids for r in g] for g in remote] for _, remote in fleets.values())
     tokens = args.prompts * args.tokens
     print(f"rollouts: {args.prompts} prompts x {args.tokens} tokens, Qwen3 hidden {args.hidden} x {args.layers} layers, "
           f"vocab {args.vocab}, {cores} cores; identical tokens: {same}")
-    print(f"  embedded engine (this process)   {local_s:7.2f} s  {tokens / local_s:8.0f} tokens/s")
-    print(f"  router + 2 stand-ins (HTTP)      {fleet_s:7.2f} s  {tokens / fleet_s:8.0f} tokens/s")
-    print(f"  HTTP path / embedded time: {fleet_s / local_s:.3f} (goal <= 1.15)")
+    print(f"  {f'embedded engine, this process, {cores} threads':<44}  {local_s:7.2f} s  {tokens / local_s:8.0f} tokens/s")
+    for count, (seconds, _) in fleets.items():
+        label = f"router + {count} stand-in(s), {max(1, cores // count)} thread(s) each"
+        print(f"  {label:<44}  {seconds:7.2f} s  {tokens / seconds:8.0f} tokens/s  ratio {seconds / local_s:.3f}")
+    print(f"  HTTP path (2 stand-ins) / embedded time: {fleets[2][0] / local_s:.3f} (goal <= 1.15)")
     if not same:
-        raise SystemExit("the two paths sampled different tokens: the comparison is not of the same work")
+        raise SystemExit("the paths sampled different tokens: the comparison is not of the same work")
+
+
+def fleet_time(path: Path, prompts: list[list[int]], params: SamplingParams, count: int,
+               args: argparse.Namespace) -> tuple[float, list]:
+    """Median seconds of the rollouts through the router and ``count`` stand-ins, and the rollouts."""
+    cfg = SGLangEngineConfig.model_validate({
+        "kind": "sglang", "servers": {"count": count, "command": ["python", "-m", "megatron_opsd.cli", "serve"],
+                                      "args": ["--max-running-requests", str(args.prompts)]},
+        "timeouts": {"startup_s": 300, "request_s": 600, "control_s": 300}})
+    fleet = Fleet(cfg, path.parent / f"logs{count}", api_key="bench")
+    fleet.start(str(path), version=0)
+    engine = SGLangEngine(fleet, cfg, args.vocab, run_id="bench")
+    try:
+        return timed(lambda: engine.generate(prompts, params), args.repeats)
+    finally:
+        engine.close()
 
 
 if __name__ == "__main__":

@@ -4,18 +4,22 @@ each sync >= 0.5x its raw figure).
 
 - disk: ``DiskSync.push`` (export to an HF directory, both servers ``/update_weights_from_disk``,
   flush, continue, version check) against a raw ``safetensors`` write of the same tensors plus one
-  read of them;
+  read of them into the model's tensors, measured before the servers start (bench/RESULTS.md
+  says why);
 - distributed: ``DistributedSync.push`` (bucketed gathers, HTTP calls and broadcasts, version
   check; its groups already connected) against raw gloo broadcasts of the same bytes in the same
   bucket sizes from this process to two receiver processes.
-The sync times do not include the probe check that follows each push (a forward pass, not a transfer).
+Each figure is the median of ``--repeats``; the syncs' after one push more (the first touches the
+servers' memory, or connects the groups). The sync times do not include the probe check that
+follows each push (a forward pass, not a transfer).
 
-    python bench/weight_sync.py [--hidden 1024] [--layers 16] [--vocab 32000] [--bucket-mb 256]
+    python bench/weight_sync.py [--hidden 1024] [--layers 16] [--vocab 32000] [--bucket-mb 256] [--repeats 5] [--dir DIR]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,27 +48,45 @@ from megatron_opsd.rollout.sync.distributed import DistributedSync
 GB = 1e9
 
 
-def receive(port: int, rank: int, sizes: list[int]) -> None:
-    """A raw receiver: join the group, take one broadcast per bucket size."""
+def receive(port: int, rank: int, sizes: list[int], repeats: int) -> None:
+    """A raw receiver: join the group, take one broadcast per bucket size, ``repeats`` times."""
     group = init_weight_group("gloo", "127.0.0.1", port, 3, rank, "raw")
-    for size in sizes:
-        dist.broadcast(torch.empty(size, dtype=torch.uint8), group_src=0, group=group)
+    for _ in range(repeats):
+        for size in sizes:
+            dist.broadcast(torch.empty(size, dtype=torch.uint8), group_src=0, group=group)
+    dist.destroy_process_group(group)
 
 
-def raw_broadcast(buffers: list[torch.Tensor]) -> float:
-    """Seconds to broadcast ``buffers`` from this process to two receiver processes (gloo)."""
+def raw_broadcast(buffers: list[torch.Tensor], repeats: int) -> float:
+    """Median seconds to broadcast ``buffers`` from this process to two receiver processes (gloo)."""
     port = free_port("127.0.0.1")
     sizes = ",".join(str(b.numel()) for b in buffers)
-    receivers = [subprocess.Popen([sys.executable, __file__, "--receive", str(port), str(rank), sizes])
+    receivers = [subprocess.Popen([sys.executable, __file__, "--receive", str(port), str(rank), sizes, str(repeats)])
                  for rank in (1, 2)]
     group = init_weight_group("gloo", "127.0.0.1", port, 3, 0, "raw")
-    start = time.perf_counter()
-    for buffer in buffers:
-        dist.broadcast(buffer, group_src=0, group=group)
-    seconds = time.perf_counter() - start
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for buffer in buffers:
+            dist.broadcast(buffer, group_src=0, group=group)
+        seconds.append(time.perf_counter() - start)
     for r in receivers:
         r.wait(60)
-    return seconds
+    dist.destroy_process_group(group)
+    return statistics.median(seconds)
+
+
+def raw_disk(tensors: dict[str, torch.Tensor], path: Path) -> tuple[float, float]:
+    """Seconds of a safetensors write of ``tensors`` plus a read back into them, as a server loads
+    them; and of the write alone."""
+    start = time.perf_counter()
+    save_file(tensors, path)
+    written = time.perf_counter()
+    for name, t in load_file(path).items():
+        tensors[name].copy_(t)
+    end = time.perf_counter()
+    path.unlink()
+    return end - start, written - start
 
 
 def main() -> None:
@@ -73,10 +95,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--bucket-mb", type=float, default=256)
-    parser.add_argument("--receive", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dir", default=None, help="where the files go (default: the system's temporary directory; "
+                        "/dev/shm leaves the disk out)")
+    parser.add_argument("--receive", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receive:
-        receive(int(args.receive[0]), int(args.receive[1]), [int(s) for s in args.receive[2].split(",")])
+        receive(int(args.receive[0]), int(args.receive[1]), [int(s) for s in args.receive[2].split(",")],
+                int(args.receive[3]))
         return
 
     hf_config = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
@@ -87,23 +113,13 @@ def main() -> None:
     chunks = build_model(hf_config, torch.float32)
     tensors = dict(model_hf_tensors(chunks))
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
-        raw_file = root / "raw.safetensors"
-        start = time.perf_counter()
-        save_file(tensors, raw_file)
-        written = time.perf_counter()
-        loaded = load_file(raw_file)
-        sum(float(t.view(-1)[0]) for t in loaded.values())  # touch every tensor
-        raw_disk = time.perf_counter() - start
-        raw_write = written - start
-        del loaded
-        raw_file.unlink()
-
+        raws = [raw_disk(tensors, root / "raw.safetensors") for _ in range(args.repeats)]
         bucket_bytes = int(args.bucket_mb * 2**20)
         flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors.values()])
         buffers = list(flat.split(bucket_bytes))
-        raw_dist = raw_broadcast(buffers)
+        raw_dist = raw_broadcast(buffers, args.repeats)
         del flat, buffers, tensors
 
         (root / "model").mkdir()
@@ -118,22 +134,28 @@ def main() -> None:
         probe = ProbeCheck(chunks, list(range(1, 65)), 1.0, 1e-3, args.vocab)
         try:
             disk = DiskSync(engine, chunks, probe, root / "weights", 1, hf_config.save_pretrained)
-            disk_metrics = disk.push(version=1)
+            disk.push(version=1)  # the servers' first load touches their weights' memory for the first time
+            disk_runs = [disk.push(version=version) for version in range(2, 2 + args.repeats)]
             broadcast = DistributedSync(engine, chunks, probe, SyncConfig(kind="distributed", bucket_mb=args.bucket_mb),
                                         root / "weights", hf_config.save_pretrained, "127.0.0.1", 600)
-            broadcast.push(version=2)  # connects the groups
-            dist_metrics = broadcast.push(version=3)
+            first = 2 + args.repeats
+            broadcast.push(version=first)  # connects the groups
+            dist_s = statistics.median(broadcast.push(version=v)["time/weight_sync"]
+                                       for v in range(first + 1, first + 1 + args.repeats))
         finally:
             engine.close()
+    raw_disk_s, raw_write = sorted(raws)[len(raws) // 2]
+    disk_metrics = sorted(disk_runs, key=lambda m: m["time/weight_sync_write"] + m["time/weight_sync_load"])[
+        len(disk_runs) // 2]
     disk_s = disk_metrics["time/weight_sync_write"] + disk_metrics["time/weight_sync_load"]
-    dist_s = dist_metrics["time/weight_sync"]
     print(f"weight sync of {nbytes / GB:.2f} GB (Qwen3 hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}, "
-          f"fp32) into 2 stand-ins; buckets of {args.bucket_mb:g} MiB")
-    print(f"  raw safetensors write + read        {raw_disk:6.2f} s  {nbytes / GB / raw_disk:5.2f} GB/s "
+          f"fp32) into 2 stand-ins; buckets of {args.bucket_mb:g} MiB; files in {args.dir or tempfile.gettempdir()}; "
+          f"medians of {args.repeats}")
+    print(f"  raw safetensors write + read        {raw_disk_s:6.2f} s  {nbytes / GB / raw_disk_s:5.2f} GB/s "
           f"(write {raw_write:.2f} s)")
     print(f"  disk sync (export + 2 servers load) {disk_s:6.2f} s  {nbytes / GB / disk_s:5.2f} GB/s "
           f"(export {disk_metrics['time/weight_sync_write']:.2f} s, load {disk_metrics['time/weight_sync_load']:.2f} s)"
-          f"  ratio {raw_disk / disk_s:.2f} (goal >= 0.5)")
+          f"  ratio {raw_disk_s / disk_s:.2f} (goal >= 0.5)")
     print(f"  raw gloo broadcast to 2 receivers   {raw_dist:6.2f} s  {nbytes / GB / raw_dist:5.2f} GB/s")
     print(f"  distributed sync (gloo)             {dist_s:6.2f} s  {nbytes / GB / dist_s:5.2f} GB/s"
           f"  ratio {raw_dist / dist_s:.2f} (goal >= 0.5)")

@@ -186,6 +186,23 @@ def test_bad_weight_stream_is_an_error_and_blocks_generation(weights, mutate, me
     assert engine.health().ok and engine.generate([[1, 2]], SamplingParams(max_new_tokens=2))
 
 
+def test_a_stream_that_fails_midway_blocks_generation_and_names_are_checked_without_reading(weights):
+    engine = EmbeddedEngine.from_hf_config(CONFIG)
+    engine.update_weights(weights.items(), version=1)
+
+    def breaks_after_one():
+        yield next(iter(weights.items()))
+        raise OSError("truncated file")
+
+    with pytest.raises(OSError, match="truncated"):
+        engine.update_weights(breaks_after_one(), version=2)
+    assert not engine.health().ok and "midway" in engine.health().detail
+    shapes = [(name, list(t.shape)) for name, t in weights.items()]
+    assert engine.weight_errors(shapes) == []
+    assert engine.weight_errors([*shapes[1:], ("model.norm.weight", [3])]) == [
+        "model.norm.weight: sent twice", f"1 parameter(s) not received: {shapes[0][0]}"]
+
+
 def test_duplicate_tensor_is_an_error(weights):
     engine = EmbeddedEngine.from_hf_config(CONFIG)
     with pytest.raises(WeightSyncError, match="model.norm.weight: sent twice"):

@@ -32,7 +32,7 @@ PARAMS = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=24
 
 def fleet_config(**extra) -> SGLangEngineConfig:
     return SGLangEngineConfig.model_validate({
-        "kind": "sglang", "servers": {"count": 2, "command": STAND_IN, "args": ["--max-batch-size", "4"]},
+        "kind": "sglang", "servers": {"count": 2, "command": STAND_IN, "args": ["--max-running-requests", "4"]},
         "timeouts": {"startup_s": 120, "request_s": 60, "control_s": 60, "retries": 3}, **extra})
 
 

@@ -181,37 +181,62 @@ class EmbeddedEngine:
         The whole stream is read before judging it, so that one error lists every problem: any
         unknown name, wrong shape, duplicate or missing parameter raises :class:`WeightSyncError`
         listing them all, and leaves the engine unusable (partly updated) until a later update
-        succeeds. Dtypes are cast. ``partial``: one bucket of an update streamed in several (a
-        server's ``update_weights_from_distributed``): parameters may be missing, and success
-        neither makes a broken engine usable nor changes its version.
+        succeeds; so does a stream that fails midway. Dtypes are cast. ``partial``: one bucket of
+        an update streamed in several (a server's ``update_weights_from_distributed``): parameters
+        may be missing, and success neither makes a broken engine usable nor changes its version.
         """
         params = dict(self.model.named_parameters())
-        not_params = set(self.model.state_dict()) - set(params)  # tied copies (e.g. lm_head) and buffers
         received: set[str] = set()
         errors: list[str] = []
-        for name, tensor in tensors:
-            param = params.get(name)
-            if not isinstance(tensor, torch.Tensor):
-                errors.append(f"{name}: not a tensor ({type(tensor).__name__})")
-            elif param is None:
-                why = "not a parameter of this model (tied or a buffer)" if name in not_params else "unknown name"
-                errors.append(f"{name}: {why}")
-            elif name in received:
-                errors.append(f"{name}: sent twice")
-            elif tuple(tensor.shape) != tuple(param.shape):
-                errors.append(f"{name}: shape {list(tensor.shape)}, the model expects {list(param.shape)}")
-            else:
-                param.copy_(tensor)
-                received.add(name)
-        missing = [name for name in params if name not in received]
-        if missing and not partial:
-            errors.append(f"{len(missing)} parameter(s) not received: {', '.join(missing)}")
+        try:
+            for name, tensor in tensors:
+                error = f"{name}: not a tensor ({type(tensor).__name__})" if not isinstance(tensor, torch.Tensor) \
+                    else self._weight_error(params, name, tensor.shape, received)
+                if error:
+                    errors.append(error)
+                else:
+                    params[name].copy_(tensor)
+                    received.add(name)
+        except BaseException:
+            self._broken = f"weight update to version {version} failed midway"
+            raise
+        errors += self._missing(params, received, partial)
         if errors:
             self._broken = f"weight update to version {version} failed"
             raise WeightSyncError(f"{self._broken}:\n  " + "\n  ".join(errors))
         if not partial:
             self._broken = None
             self.weight_version = version
+
+    def weight_errors(self, shapes: Iterable[tuple[str, Sequence[int]]]) -> list[str]:
+        """What :meth:`update_weights` would refuse in a complete stream of tensors of these names
+        and shapes, known before any is read (e.g. from safetensors headers)."""
+        params = dict(self.model.named_parameters())
+        received: set[str] = set()
+        errors = []
+        for name, shape in shapes:
+            if error := self._weight_error(params, name, shape, received):
+                errors.append(error)
+            else:
+                received.add(name)
+        return errors + self._missing(params, received, partial=False)
+
+    def _weight_error(self, params: dict[str, torch.nn.Parameter], name: str, shape: Sequence[int],
+                      received: set[str]) -> str | None:
+        param = params.get(name)
+        if param is None:
+            tied_or_buffer = name in set(self.model.state_dict()) - set(params)
+            return f"{name}: {'not a parameter of this model (tied or a buffer)' if tied_or_buffer else 'unknown name'}"
+        if name in received:
+            return f"{name}: sent twice"
+        if tuple(shape) != tuple(param.shape):
+            return f"{name}: shape {list(shape)}, the model expects {list(param.shape)}"
+        return None
+
+    @staticmethod
+    def _missing(params: dict[str, torch.nn.Parameter], received: set[str], partial: bool) -> list[str]:
+        missing = [name for name in params if name not in received]
+        return [f"{len(missing)} parameter(s) not received: {', '.join(missing)}"] if missing and not partial else []
 
     def health(self) -> EngineHealth:
         if self._broken:

@@ -22,7 +22,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="dummy: random weights from the config (a weight update brings real ones)")
     p.add_argument("--weight-version", default="default", help="the version reported until a weight update")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
-    p.add_argument("--max-batch-size", type=int, default=64, help="requests generated together")
+    p.add_argument("--max-running-requests", type=int, default=64, help="requests generated together, at most")
+    p.add_argument("--gather-ms", type=float, default=10.0,
+                   help="stand-in only: a batch starts once no request has arrived for this long (or it is full)")
     p.add_argument("--mem-fraction-static", type=float, default=None, help="accepted for compatibility; unused")
     p.add_argument("--skip-tokenizer-init", action="store_true", help="accepted; the stand-in never tokenizes")
     p.add_argument("--log-level", dest="server_log_level", default="warning", help="uvicorn's log level")
@@ -40,14 +42,14 @@ def run(args: argparse.Namespace) -> int:
     if not (Path(args.model_path) / "config.json").is_file():
         raise FileNotFoundError(f"--model-path {args.model_path}: no config.json there")
     dtype = "float32" if args.dtype == "auto" else args.dtype
-    cfg = EmbeddedEngineConfig(max_batch_size=args.max_batch_size, dtype=dtype)
+    cfg = EmbeddedEngineConfig(max_batch_size=args.max_running_requests, dtype=dtype)
     if args.load_format == "dummy":
         from transformers import AutoConfig
 
         engine = EmbeddedEngine.from_hf_config(AutoConfig.from_pretrained(args.model_path), cfg)
     else:
         engine = EmbeddedEngine.from_pretrained(args.model_path, cfg)
-    state = StandIn(engine, args.model_path, args.weight_version, args.max_batch_size)
+    state = StandIn(engine, args.model_path, args.weight_version, args.max_running_requests, args.gather_ms / 1000)
     uvicorn.run(build_app(state, args.api_key, args.tp_size), host=args.host, port=args.port,
                 log_level=args.server_log_level.lower(), access_log=False)
     return 0

@@ -1,4 +1,4 @@
-"""The CPU stand-in for an SGLang 0.5.23 server (``opsd serve``), for an SGLang 0.5.23 server, backed by the embedded engine.
+"""The CPU stand-in for an SGLang 0.5.23 server (``opsd serve``), backed by the embedded engine.
 
 It speaks the subset of SGLang's HTTP API the product uses, with SGLang's JSON shapes, status codes
 and blocking behaviour (``rollout/sglang/protocol.py`` and the notes behind it): ``/generate``
@@ -7,16 +7,17 @@ finish reason ``abort``; an unknown ``sampling_params`` key is a 400), ``/pause_
 (``abort``: nothing runs when it returns; ``retract``: running requests go back to the queue and
 start again after ``/continue_generation``; ``in_place``: the running batch finishes, nothing new
 starts), ``/flush_cache`` (400 while requests run or wait), ``/abort_request`` (by rid prefix),
-``/v1/loads``, ``/model_info``, ``/server_info``, ``/update_weights_from_disk`` (rolls back on
-failure), ``/update_weight_version``, and the weight-update group: ``/init_weights_update_group``,
-``/begin_weight_update``, ``/update_weights_from_distributed`` (``flattened_bucket`` too),
-``/end_weight_update``, ``/destroy_weights_update_group``. ``weight_version`` is in
+``/v1/loads``, ``/model_info``, ``/server_info``, ``/update_weights_from_disk`` (a directory
+that does not fit leaves the weights as they were), ``/update_weight_version``, and the
+weight-update group: ``/init_weights_update_group``, ``/begin_weight_update``,
+``/update_weights_from_distributed`` (``flattened_bucket`` too), ``/end_weight_update``,
+``/destroy_weights_update_group``. ``weight_version`` is in
 ``/model_info`` and every reply's ``meta_info``. With ``--api-key`` every endpoint but
 ``/health*`` and ``/metrics*`` wants ``Authorization: Bearer <key>`` (401 otherwise), as in SGLang,
 whose router probes ``/health`` without the key.
 
 Its flags are ``sglang.launch_server``'s for what it supports, so a fleet starts either with the
-same command line. Requests are batched (same sampling settings, up to ``--max-batch-size``) and
+same command line. Requests are batched (same sampling settings, up to ``--max-running-requests``) and
 each is sampled with its own ``sampling_seed``, as the embedded engine samples a seeded sequence,
 so a fleet of stand-ins gives the rollouts of the embedded engine. What it does not model:
 SGLang's radix cache and memory limits, streaming, text prompts (``--skip-tokenizer-init``
@@ -54,6 +55,10 @@ VERSION = "0.5.23-opsd-standin"
 
 class RequestError(ValueError):
     """A request SGLang answers with 400."""
+
+
+class WeightsUnchanged(ValueError):
+    """A weight update refused before it changed anything."""
 
 
 class UnknownKeyError(RequestError):
@@ -100,8 +105,9 @@ def _sampling(raw: Any) -> tuple[SamplingParams, int]:
 class StandIn:
     """The server's state: the engine, the queue, pause, weight version, weight-update groups."""
 
-    def __init__(self, engine: Any, model_path: str, weight_version: str, max_batch_size: int):
+    def __init__(self, engine: Any, model_path: str, weight_version: str, max_batch_size: int, gather_s: float = 0.0):
         self.engine, self.model_path, self.max_batch_size = engine, model_path, max_batch_size
+        self.gather_s = gather_s
         self.weight_version = weight_version
         self.lock = threading.Condition()  # guards the queue, the running batch and pause
         self.queue: list[Pending] = []
@@ -122,7 +128,7 @@ class StandIn:
 
     def _next_batch(self) -> list[Pending]:
         with self.lock:
-            while self.paused or not self.queue:
+            while not self._ready():
                 self.lock.wait()
             first = self.queue[0]
             batch = [p for p in self.queue if p.params == first.params and p.input_logprobs == first.input_logprobs]
@@ -131,6 +137,16 @@ class StandIn:
             self.running = batch
             self.interrupt.clear()
             return batch
+
+    def _ready(self) -> bool:
+        """(Lock held.) Whether a batch may start: not paused, requests queued, and either a full
+        batch of them or none new for ``gather_s``. A step's requests arrive a few milliseconds
+        apart; SGLang adds each to its running batch at the next decode step, but the embedded
+        engine's batch is fixed once started, so the stand-in gathers them first."""
+        while not self.paused and self.queue:
+            if len(self.queue) >= self.max_batch_size or not self.lock.wait(self.gather_s):
+                return True
+        return False
 
     def _schedule(self) -> None:
         while True:
@@ -204,22 +220,23 @@ class StandIn:
     # -- weights ---------------------------------------------------------------------------------
 
     def load(self, tensors: Iterator[tuple[str, torch.Tensor]], version: str | None, *, partial: bool = False) -> None:
-        """Load HF-named tensors between batches. A complete load that fails puts the previous
-        weights back (``/update_weights_from_disk``); a partial one (a bucket of
-        ``/update_weights_from_distributed``) leaves them partly updated, as SGLang does, and the
-        engine refuses to generate until a complete load succeeds."""
+        """Load HF-named tensors between batches. A load that fails leaves the weights partly
+        updated, as SGLang does, and the engine refuses to generate until a complete load succeeds.
+        ``partial``: a bucket of ``/update_weights_from_distributed``."""
         with self.model_lock:
-            if partial:
-                self.engine.update_weights(tensors, self.engine.weight_version, partial=True)
-            else:
-                saved = {k: v.clone() for k, v in self.engine.model.named_parameters()}
-                try:
-                    self.engine.update_weights(tensors, self.engine.weight_version)
-                except Exception:
-                    self.engine.update_weights(saved.items(), self.engine.weight_version)
-                    raise
+            self.engine.update_weights(tensors, self.engine.weight_version, partial=partial)
             if version is not None:
                 self.weight_version = version
+
+    def load_from_disk(self, path: Path, version: str | None) -> None:
+        """``/update_weights_from_disk``. The directory's names and shapes (its safetensors headers)
+        are checked before a tensor is copied, so one that does not fit the model leaves the served
+        weights as they were (:class:`WeightsUnchanged`): what SGLang achieves by loading the
+        previous weights again, without holding a second copy of the model."""
+        problems = self.engine.weight_errors(_safetensors_shapes(path))
+        if problems:
+            raise WeightsUnchanged(f"{path} does not fit the model:\n  " + "\n  ".join(problems))
+        self.load(_safetensors(path), version)
 
     def weights_by_name(self, name: str, truncate_size: int) -> list[float]:
         """The first ``truncate_size`` values of parameter ``name`` (SGLang's ``/get_weights_by_name``)."""
@@ -230,13 +247,26 @@ class StandIn:
             return param.detach().reshape(-1)[:truncate_size].float().tolist()
 
 
+def _safetensors_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WeightsUnchanged(f"no *.safetensors in {path}")
+    return files
+
+
+def _safetensors_shapes(path: Path) -> Iterator[tuple[str, list[int]]]:
+    from safetensors import safe_open
+
+    for f in _safetensors_files(path):
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open has keys() but is not iterable
+                yield name, handle.get_slice(name).get_shape()
+
+
 def _safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {path}")
-    for f in files:
+    for f in _safetensors_files(path):
         with safe_open(str(f), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open has keys() but is not iterable
                 yield name, handle.get_tensor(name)
@@ -342,10 +372,13 @@ def build_app(state: StandIn, api_key: str | None, tp_size: int = 1) -> FastAPI:
         if body.get("abort_all_requests"):
             state.abort(None)
         try:
-            state.load(_safetensors(Path(body["model_path"])), _version(body))
-        except Exception as exc:  # noqa: BLE001 - reported as SGLang does, the old weights back in place
-            return JSONResponse({"success": False, "message": f"Failed to update weights: {exc}. Rolling back to "
+            state.load_from_disk(Path(body["model_path"]), _version(body))
+        except WeightsUnchanged as exc:  # reported as SGLang reports a load it rolled back
+            return JSONResponse({"success": False, "message": f"Failed to update weights: {exc}.\nRolling back to "
                                  f"original weights.", "num_paused_requests": 0}, status_code=400)
+        except Exception as exc:  # noqa: BLE001 - reported; the server refuses to generate until a load succeeds
+            return JSONResponse({"success": False, "message": f"Failed to update weights: {exc}. The weights are "
+                                 f"partly updated.", "num_paused_requests": 0}, status_code=400)
         state.model_path = body["model_path"]
         return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
 

@@ -135,7 +135,11 @@ def main() -> None:
         try:
             disk = DiskSync(engine, chunks, probe, root / "weights", 1, hf_config.save_pretrained)
             disk.push(version=1)  # the servers' first load touches their weights' memory for the first time
-            disk_runs = [disk.push(version=version) for version in range(2, 2 + args.repeats)]
+            disk_runs = []
+            for version in range(2, 2 + args.repeats):
+                disk.old_versions.wait()  # a training step lies between two syncs: the old version is gone by then
+                disk_runs.append(disk.push(version=version))
+            disk.close()
             broadcast = DistributedSync(engine, chunks, probe, SyncConfig(kind="distributed", bucket_mb=args.bucket_mb),
                                         root / "weights", hf_config.save_pretrained, "127.0.0.1", 600)
             first = 2 + args.repeats

@@ -312,6 +312,9 @@ class CountingSync:
         self.versions.append(version)
         return {}
 
+    def close(self):
+        pass
+
 
 def test_recorded_rollouts_and_a_counting_sync_replace_the_engine_and_the_sync(tmp_path, hf_dir):
     """The engine comes from the factory (rollout.engine.kind=recorded); the sync is replaced as a

@@ -190,6 +190,8 @@ def train(cfg: TrainConfig, build: Callable[[TrainConfig], Components] = build_c
     finally:
         if components is not None:
             components.rollouts.close()
+            if components.weight_sync is not None:
+                components.weight_sync.close()
             if components.engine is not None:
                 components.engine.close()
         if parallel_state.model_parallel_is_initialized():

@@ -62,6 +62,9 @@ class WeightSync(Protocol):
         """Bring the trainer's current weights to the engine as ``version`` and check them;
         collective over every trainer rank. Returns the sync's metrics."""
 
+    def close(self) -> None:
+        """Finish what the sync still does in the background (at the end of a run)."""
+
 
 class ProbeCheck:
     """The engine's log-probs of ``ids`` against the trainer's forward (collective over the trainer).

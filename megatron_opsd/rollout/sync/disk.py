@@ -4,12 +4,14 @@ share, loaded by every server with ``/update_weights_from_disk``.
 Per push: the exporter writes ``dir/step_<version>`` (collective; the directory appears only when
 complete, so a server never reads half a version) -> rank 0 has every server pause (abort mode:
 nothing in flight), load it with its ``weight_version``, flush and continue, restarting from it
-any server that fails -> all servers' versions are checked -> versions beyond ``keep_last`` are
-deleted -> the probe check. The newest directory is also what a dead server restarts from.
+any server that fails -> all servers' versions are checked -> the probe check, while versions
+beyond ``keep_last`` are deleted in the background. The newest directory is also what a dead
+server restarts from.
 """
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,13 +42,35 @@ def keep_newest(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+class OldVersions:
+    """Deletes the version directories beyond the newest ``keep_last`` under ``root`` in a thread,
+    while the servers already serve the new one: deleting a model-sized file takes a while (on a
+    shared file system more so) and nothing needs to wait for it. One deletion at a time."""
+
+    def __init__(self, root: Path, keep_last: int):
+        self.root, self.keep_last = root, keep_last
+        self._thread: threading.Thread | None = None
+
+    def retire(self) -> None:
+        """Start deleting what is beyond the newest ``keep_last`` now (after the previous deletion)."""
+        self.wait()
+        self._thread = threading.Thread(target=keep_newest, args=(self.root, self.keep_last), name="old-weights")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
 class DiskSync:
     """Every server loads each version from ``root`` (``engine``: rank 0's, None elsewhere)."""
 
     def __init__(self, engine: SGLangEngine | None, chunks: Sequence[torch.nn.Module], probe: ProbeCheck,
                  root: Path, keep_last: int, write_files: Callable[[Path], None]):
         self.engine, self.chunks, self.probe = engine, [unwrap_model(c) for c in chunks], probe
-        self.root, self.keep_last, self.write_files = root, keep_last, write_files
+        self.root, self.write_files = root, write_files
+        self.old_versions = OldVersions(root, keep_last)
 
     def push(self, version: int) -> dict[str, float]:
         start = time.perf_counter()
@@ -55,7 +79,7 @@ class DiskSync:
 
         def load() -> int:
             restarted = self.engine.load_from_disk(path, version)
-            keep_newest(self.root, self.keep_last)
+            self.old_versions.retire()
             return len(restarted)
 
         restarted = broadcast_from_rank0(load)
@@ -63,3 +87,6 @@ class DiskSync:
         return {"time/weight_sync": end - start, "time/weight_sync_write": written - start,
                 "time/weight_sync_load": end - written, "weight_sync/servers_restarted": float(restarted),
                 "probe/logprob_abs_diff_max": self.probe(self.engine, version)}
+
+    def close(self) -> None:
+        self.old_versions.wait()

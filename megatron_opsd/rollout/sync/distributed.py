@@ -46,7 +46,7 @@ from megatron_opsd.rollout.sglang.fleet import free_port
 from megatron_opsd.rollout.sglang.protocol import flatten_bucket
 from megatron_opsd.rollout.sglang.weight_group import destroy_weight_group, init_weight_group
 from megatron_opsd.rollout.sync.base import ProbeCheck, SyncConfig
-from megatron_opsd.rollout.sync.disk import export_version, keep_newest
+from megatron_opsd.rollout.sync.disk import OldVersions, export_version
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class DistributedSync:
         self.connected = False
         self.nonce = ""  # names this connection's groups
         self.failed: set[int] = set()  # rank 0: the servers that failed the current push
+        self.old_versions = OldVersions(root, cfg.keep_last)  # rank 0: versions written for recoveries
 
     # -- groups ----------------------------------------------------------------------------------
 
@@ -199,6 +200,9 @@ class DistributedSync:
         return {"time/weight_sync": time.perf_counter() - start, "weight_sync/servers_restarted": float(restarted),
                 "probe/logprob_abs_diff_max": self.probe(self.engine, version)}
 
+    def close(self) -> None:
+        self.old_versions.wait()
+
     def _try_connect(self) -> bool:
         if not self.connected:
             try:
@@ -251,7 +255,7 @@ class DistributedSync:
         def load() -> int:
             self.engine.each_server(Server.end_weight_update)  # a session left open (400 where none is)
             restarted = self.engine.load_from_disk(path, version, poisoned=self.failed)
-            keep_newest(self.root, self.cfg.keep_last)
+            self.old_versions.retire()
             return len(restarted)
 
         return broadcast_from_rank0(load)

@@ -36,3 +36,6 @@ class InProcessSync:
         broadcast_from_rank0(load)
         seconds = time.perf_counter() - start
         return {"time/weight_sync": seconds, "probe/logprob_abs_diff_max": self.probe(self.engine, version)}
+
+    def close(self) -> None:
+        """Nothing of it runs in the background."""

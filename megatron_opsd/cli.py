@@ -51,6 +51,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    if args.log_level != "DEBUG":  # httpx logs every request at INFO: a line per rollout from a fleet
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     end_children_with_this_process()
     try:
         return args.func(args)

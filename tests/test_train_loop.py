@@ -217,6 +217,21 @@ def test_a_checkpoint_of_the_older_layout_is_refused_by_name_and_its_weights_sti
     assert main(["eval", str(step), *fast, "--out", str(tmp_path / "old.json")]) == 0
 
 
+def test_cli_keeps_httpx_request_lines_for_debug(tmp_path, hf_dir):
+    """A fleet's client logs a line per rollout at httpx's INFO: shown only with --log-level DEBUG."""
+    import logging
+
+    httpx_log = logging.getLogger("httpx")
+    try:
+        assert main(["--log-level", "INFO", "train", str(write_config(tmp_path, hf_dir)), "nokey=1"]) == 2
+        assert httpx_log.level == logging.WARNING
+        httpx_log.setLevel(logging.NOTSET)
+        assert main(["--log-level", "DEBUG", "train", str(write_config(tmp_path, hf_dir)), "nokey=1"]) == 2
+        assert httpx_log.level == logging.NOTSET
+    finally:
+        httpx_log.setLevel(logging.NOTSET)
+
+
 def test_cli_unknown_key_is_an_error_with_a_suggestion(tmp_path, hf_dir, capsys):
     assert main(["train", str(write_config(tmp_path, hf_dir)), "rollout.sync.intervall=2"]) == 2
     assert "unknown key 'rollout.sync.intervall' (did you mean 'rollout.sync.interval'?)" in capsys.readouterr().err

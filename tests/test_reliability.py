@@ -14,7 +14,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from megatron_opsd.cli import main
 from megatron_opsd.config import parse_override
@@ -25,19 +24,7 @@ from tests.tiny_models import save_tiny_model
 from tests.train_configs import REPO, losses, write_config
 
 SMALL = {"steps": 2, "prompts_per_step": 2, "eval": {"data": None}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    return save_tiny_model("qwen3", tmp_path_factory.mktemp("model") / "hf")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(tmp_path: Path, hf_dir: Path, **top) -> Path:

@@ -39,24 +39,12 @@ from megatron_opsd.train.components import build_components
 from megatron_opsd.train.loop import train
 from tests.distributed import _free_port
 from tests.engines import failing_engine, raising
-from tests.tiny_models import save_tiny_model
 from tests.train_configs import load_train, losses, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The CI machine is oversubscribed: more threads per process only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    return save_tiny_model("qwen3", tmp_path_factory.mktemp("model") / "hf")  # vocab 1000 >= the tokenizer's 752
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_opsd_resume_reproduces_the_uninterrupted_run(tmp_path, hf_dir):

@@ -37,9 +37,10 @@ from transformers import Qwen3Config
 from megatron_opsd.models import build_model
 from megatron_opsd.models.bridge import model_hf_tensors
 from megatron_opsd.parallel import Layout, initialize
+from megatron_opsd.platform import free_port
 from megatron_opsd.rollout.sglang.config import SGLangEngineConfig
 from megatron_opsd.rollout.sglang.engine import SGLangEngine
-from megatron_opsd.rollout.sglang.fleet import Fleet, free_port
+from megatron_opsd.rollout.sglang.fleet import Fleet
 from megatron_opsd.rollout.sglang.weight_group import init_weight_group
 from megatron_opsd.rollout.sync.base import ProbeCheck, SyncConfig
 from megatron_opsd.rollout.sync.disk import DiskSync

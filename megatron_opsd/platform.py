@@ -70,14 +70,15 @@ def init_process_group(timeout_s: float = 1800) -> Platform:
         if "RANK" in os.environ:  # torchrun (or another launcher) set up the rendezvous
             dist.init_process_group(platform.backend, timeout=timeout)
         else:  # a world of one, on a free local port; the environment stays as it was for child processes
-            dist.init_process_group(platform.backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+            dist.init_process_group(platform.backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                                     world_size=1, timeout=timeout)
     return platform
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on now."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,13 +21,9 @@ from pathlib import Path
 import psutil
 import torch.distributed as dist
 
+from megatron_opsd.platform import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(module: str, nproc: int, out_dir: Path, *args: str, timeout: float = 900) -> dict[str, dict]:
@@ -36,7 +31,7 @@ def launch(module: str, nproc: int, out_dir: Path, *args: str, timeout: float = 
     out = out_dir / f"{module.rsplit('.', 1)[-1]}-{nproc}.json"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-        "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+        "--master-addr=127.0.0.1", f"--master-port={free_port()}",
         "-m", module, "--results", str(out), *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -8,7 +8,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from tests.distributed import REPO, _free_port
+from megatron_opsd.platform import free_port
+from tests.distributed import REPO
 from tests.tiny_models import save_tiny_model
 
 
@@ -20,7 +21,7 @@ def run(args, nproc=1, expect=0):
             "torch.distributed.run",
             f"--nproc-per-node={nproc}",
             "--master-addr=127.0.0.1",
-            f"--master-port={_free_port()}",
+            f"--master-port={free_port()}",
         ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([*launcher, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)

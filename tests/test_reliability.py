@@ -18,8 +18,8 @@ import pytest
 from megatron_opsd.cli import main
 from megatron_opsd.config import parse_override
 from megatron_opsd.fileio import CheckpointError, verify_manifest
+from megatron_opsd.platform import free_port
 from megatron_opsd.tracking import read_metrics
-from tests.distributed import _free_port
 from tests.tiny_models import save_tiny_model
 from tests.train_configs import REPO, losses, write_config
 
@@ -289,7 +289,7 @@ def test_resuming_with_another_model_shape_is_one_line(tmp_path, hf_dir, capsys)
 def test_a_layout_error_is_printed_once_not_once_per_rank(tmp_path, hf_dir):
     path = small(tmp_path, hf_dir)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", "-m", "megatron_opsd.cli", "train", str(path), "parallel.tp=3"]
+           f"--master-port={free_port()}", "-m", "megatron_opsd.cli", "train", str(path), "parallel.tp=3"]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode != 0

@@ -17,11 +17,12 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from megatron_opsd.platform import free_port
 from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_opsd.rollout.engine import Rollout, SamplingParams
 from megatron_opsd.rollout.sglang.config import SGLangEngineConfig
 from megatron_opsd.rollout.sglang.engine import RolloutError, SGLangEngine
-from megatron_opsd.rollout.sglang.fleet import Fleet, FleetError, free_port
+from megatron_opsd.rollout.sglang.fleet import Fleet, FleetError
 from megatron_opsd.rollout.sglang.protocol import finish_reason, generate_reply
 from tests.tiny_models import save_tiny_model
 
@@ -152,7 +153,7 @@ def bad_servers():
     """One uvicorn server per misbehaviour, in threads of this process."""
     urls, servers = {}, []
     for mode in ("not_json", "out_of_vocab", "lengths_differ", "missing_field", "slow", "error_500"):
-        port = free_port("127.0.0.1")
+        port = free_port()
         server = uvicorn.Server(uvicorn.Config(_bad_server(mode), host="127.0.0.1", port=port, log_level="error"))
         threading.Thread(target=server.run, daemon=True).start()
         urls[mode] = f"http://127.0.0.1:{port}"

@@ -30,6 +30,7 @@ from megatron_opsd.data.prompts import PromptBuilder, PromptConfig
 from megatron_opsd.data.sources import DataConfig, ProblemIterator, load_problems
 from megatron_opsd.fileio import write_manifest
 from megatron_opsd.opsd.loss import LossConfig
+from megatron_opsd.platform import free_port
 from megatron_opsd.rollout.embedded import WeightSyncError
 from megatron_opsd.rollout.engine import ProbeMismatchError, Rollout, rollout_samples
 from megatron_opsd.rollout.recorded import RecordedRolloutEngine
@@ -37,7 +38,6 @@ from megatron_opsd.rollout.sync.inprocess import InProcessSync
 from megatron_opsd.tracking import read_metrics
 from megatron_opsd.train.components import build_components
 from megatron_opsd.train.loop import train
-from tests.distributed import _free_port
 from tests.engines import failing_engine, raising
 from tests.train_configs import load_train, losses, write_config
 
@@ -371,7 +371,7 @@ def test_opsd_samples_add_the_teacher_side_to_each_rollout():
 
 def torchrun_train(config: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", "-m", "megatron_opsd.cli", "train", str(config), *overrides]
+           f"--master-port={free_port()}", "-m", "megatron_opsd.cli", "train", str(config), *overrides]
     return subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=timeout, check=False)
 

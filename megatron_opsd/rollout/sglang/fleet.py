@@ -22,13 +22,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_opsd.platform import free_port
 from megatron_opsd.processes import die_with_parent
 from megatron_opsd.rollout.sglang.client import Server, SGLangError
 from megatron_opsd.rollout.sglang.config import SGLangEngineConfig
@@ -38,12 +38,6 @@ log = logging.getLogger(__name__)
 
 class FleetError(RuntimeError):
     """A server or the router that did not start, or died and could not be brought back."""
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def log_tail(path: Path, lines: int = 30) -> str:

@@ -39,10 +39,9 @@ from megatron.core.utils import unwrap_model
 
 from megatron_opsd.models.bridge import is_stage_sender, stage_hf_shapes, stage_hf_tensors
 from megatron_opsd.parallel import broadcast_from_rank0
-from megatron_opsd.platform import current_device
+from megatron_opsd.platform import current_device, free_port
 from megatron_opsd.rollout.sglang.client import Server, SGLangError
 from megatron_opsd.rollout.sglang.engine import SGLangEngine
-from megatron_opsd.rollout.sglang.fleet import free_port
 from megatron_opsd.rollout.sglang.protocol import flatten_bucket
 from megatron_opsd.rollout.sglang.weight_group import destroy_weight_group, init_weight_group
 from megatron_opsd.rollout.sync.base import ProbeCheck, SyncConfig

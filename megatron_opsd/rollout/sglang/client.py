@@ -7,11 +7,11 @@ Generation is asynchronous (:meth:`Server.generate`), many requests in flight at
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 
 class SGLangError(RuntimeError):
@@ -73,50 +73,45 @@ class Server:
 
     def flush_cache(self, deadline_s: float = 60.0) -> None:
         """Flush the prefix cache; SGLang refuses (400) while requests run, so retry until ``deadline_s``."""
-        end = time.monotonic() + deadline_s
-        while True:
-            try:
+        for attempt in Retrying(stop=stop_after_delay(deadline_s), wait=wait_fixed(0.5),
+                                retry=retry_if_exception_type(SGLangError), reraise=True):
+            with attempt:
                 self.call("POST", "/flush_cache")
-                return
-            except SGLangError:
-                if time.monotonic() > end:
-                    raise
-                time.sleep(0.5)
+
+    def _update(self, path: str, body: dict[str, Any]) -> None:
+        """A weight-update call: it answers ``{"success": bool, "message": str}``, with 400 when not successful."""
+        reply = self.call("POST", path, body, expect=(200, 400))
+        if not (isinstance(reply, dict) and reply.get("success")):
+            message = reply.get("message") if isinstance(reply, dict) else reply
+            raise SGLangError(f"{self.url}{path}: not successful: {message}")
 
     def update_weights_from_disk(self, model_path: str, version: int) -> None:
-        reply = self.call("POST", "/update_weights_from_disk",
-                          {"model_path": model_path, "weight_version": str(version), "flush_cache": False},
-                          expect=(200, 400))
-        _check_success(self.url, "/update_weights_from_disk", reply)
+        self._update("/update_weights_from_disk",
+                     {"model_path": model_path, "weight_version": str(version), "flush_cache": False})
 
     def update_weight_version(self, version: int) -> None:
         self.call("POST", "/update_weight_version", {"new_version": str(version), "abort_all_requests": False})
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                   group_name: str, backend: str) -> None:
-        reply = self.call("POST", "/init_weights_update_group", {
+        self._update("/init_weights_update_group", {
             "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
-            "world_size": world_size, "group_name": group_name, "backend": backend}, expect=(200, 400))
-        _check_success(self.url, "/init_weights_update_group", reply)
+            "world_size": world_size, "group_name": group_name, "backend": backend})
 
     def destroy_weights_update_group(self, group_name: str) -> None:
-        reply = self.call("POST", "/destroy_weights_update_group", {"group_name": group_name}, expect=(200, 400))
-        _check_success(self.url, "/destroy_weights_update_group", reply)
+        self._update("/destroy_weights_update_group", {"group_name": group_name})
 
     def begin_weight_update(self) -> None:
-        _check_success(self.url, "/begin_weight_update",
-                       self.call("POST", "/begin_weight_update", {"selector": "all"}, expect=(200, 400)))
+        self._update("/begin_weight_update", {"selector": "all"})
 
     def end_weight_update(self) -> None:
-        _check_success(self.url, "/end_weight_update", self.call("POST", "/end_weight_update", {}, expect=(200, 400)))
+        self._update("/end_weight_update", {})
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                         group_name: str, version: int) -> None:
-        reply = self.call("POST", "/update_weights_from_distributed", {
+        self._update("/update_weights_from_distributed", {
             "names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
-            "load_format": "flattened_bucket", "weight_version": str(version), "flush_cache": False},
-            expect=(200, 400))
-        _check_success(self.url, "/update_weights_from_distributed", reply)
+            "load_format": "flattened_bucket", "weight_version": str(version), "flush_cache": False})
 
     async def generate(self, client: httpx.AsyncClient, body: dict[str, Any], timeout_s: float) -> Any:
         """One ``/generate`` (``client`` is the caller's shared async client, based on this URL)."""
@@ -141,9 +136,3 @@ class Server:
             self._client.close()
             self._client = None
 
-
-def _check_success(url: str, path: str, reply: Any) -> None:
-    """Weight-update calls answer ``{"success": bool, "message": str}`` (400 when not successful)."""
-    if not (isinstance(reply, dict) and reply.get("success")):
-        message = reply.get("message") if isinstance(reply, dict) else reply
-        raise SGLangError(f"{url}{path}: not successful: {message}")

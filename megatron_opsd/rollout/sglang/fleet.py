@@ -112,9 +112,7 @@ class Fleet:
             command += ["--api-key", self.api_key]
         shown = " ".join(command).replace(self.api_key, "***") if self.api_key else " ".join(command)
         log.info("starting server %d: %s (log %s)", member.index, shown, member.log)
-        with open(member.log, "ab") as out:
-            member.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                              env=_child_env(), preexec_fn=die_with_parent)  # noqa: PLW1509 - it only calls prctl
+        member.process = _spawn(command, member.log)
 
     def _wait_healthy(self, members: list[Member]) -> None:
         """Every server answers /health before the startup deadline; a dead process fails at once."""
@@ -148,9 +146,7 @@ class Fleet:
             command += ["--api-key", self.api_key]
         self.router = Server(f"http://{host}:{port}", self.api_key, self.cfg.timeouts.control_s)
         router_log = self.log_dir / "router.log"
-        with open(router_log, "ab") as out:
-            self._router_process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                                    start_new_session=True, env=_child_env(), preexec_fn=die_with_parent)  # noqa: PLW1509 - it only calls prctl
+        self._router_process = _spawn(command, router_log)
         deadline = time.monotonic() + 60
         while not self.router.healthy(timeout_s=1.0):
             if self._router_process.poll() is not None or time.monotonic() > deadline:
@@ -220,10 +216,14 @@ class Fleet:
             self.router.close()
 
 
-def _child_env() -> dict[str, str]:
-    """The servers' environment: this one, without a rendezvous a single-process server would join."""
-    return {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
+def _spawn(command: list[str], log_path: Path) -> subprocess.Popen:
+    """``command`` as a process group of its own, its output appended to ``log_path``, killed if this
+    process dies; its environment is this one without the rendezvous a single-process server would join."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                                preexec_fn=die_with_parent)  # noqa: PLW1509 - it only calls prctl
 
 
 def _stop(process: subprocess.Popen | None, grace_s: float = 10.0) -> None:

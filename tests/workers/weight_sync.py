@@ -100,7 +100,7 @@ class _SwapsTwoTensors(DistributedSync):
 
 def _with_sync(c: Components, cls: type[DistributedSync]) -> DistributedSync:
     s = c.weight_sync
-    return cls(c.engine, c.chunks, s.probe, s.cfg, s.root, s.write_files, "127.0.0.1", s.timeout_s)
+    return cls(c.engine, c.chunks, s.probe, s.cfg, s.disk.root, s.disk.write_files, "127.0.0.1", s.timeout_s)
 
 
 def check_failure_mid_bucket_restarts_that_server():

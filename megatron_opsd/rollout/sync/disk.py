@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -74,19 +74,26 @@ class DiskSync:
 
     def push(self, version: int) -> dict[str, float]:
         start = time.perf_counter()
+        written, restarted = self.deliver(version)
+        seconds = time.perf_counter() - start
+        return {"time/weight_sync": seconds, "time/weight_sync_write": written,
+                "time/weight_sync_load": seconds - written, "weight_sync/servers_restarted": float(restarted),
+                "probe/logprob_abs_diff_max": self.probe(self.engine, version)}
+
+    def deliver(self, version: int, poisoned: Iterable[int] = ()) -> tuple[float, int]:
+        """Write ``version`` and have every server load it, those in ``poisoned`` (rank 0's: servers
+        left with partial weights) restarted from it (collective); the seconds of the write, and
+        how many servers were restarted. The probe check is the caller's."""
+        start = time.perf_counter()
         path = export_version(self.chunks, self.root, version, self.write_files)
-        written = time.perf_counter()
+        written = time.perf_counter() - start
 
         def load() -> int:
-            restarted = self.engine.load_from_disk(path, version)
+            restarted = self.engine.load_from_disk(path, version, poisoned=poisoned)
             self.old_versions.retire()
             return len(restarted)
 
-        restarted = broadcast_from_rank0(load)
-        end = time.perf_counter()
-        return {"time/weight_sync": end - start, "time/weight_sync_write": written - start,
-                "time/weight_sync_load": end - written, "weight_sync/servers_restarted": float(restarted),
-                "probe/logprob_abs_diff_max": self.probe(self.engine, version)}
+        return written, broadcast_from_rank0(load)
 
     def close(self) -> None:
         self.old_versions.wait()

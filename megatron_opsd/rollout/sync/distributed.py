@@ -45,7 +45,7 @@ from megatron_opsd.rollout.sglang.engine import SGLangEngine
 from megatron_opsd.rollout.sglang.protocol import flatten_bucket
 from megatron_opsd.rollout.sglang.weight_group import destroy_weight_group, init_weight_group
 from megatron_opsd.rollout.sync.base import ProbeCheck, SyncConfig
-from megatron_opsd.rollout.sync.disk import OldVersions, export_version
+from megatron_opsd.rollout.sync.disk import DiskSync
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ class DistributedSync:
     def __init__(self, engine: SGLangEngine | None, chunks: Sequence[torch.nn.Module], probe: ProbeCheck,
                  cfg: SyncConfig, root: Path, write_files: Callable[[Path], None], host: str, timeout_s: float):
         self.engine, self.chunks, self.probe = engine, [unwrap_model(c) for c in chunks], probe
-        self.cfg, self.root, self.write_files, self.timeout_s = cfg, root, write_files, timeout_s
+        self.cfg, self.timeout_s = cfg, timeout_s
+        self.disk = DiskSync(engine, chunks, probe, root, cfg.keep_last, write_files)  # what a failed push falls back to
         self.address = cfg.address or ("127.0.0.1" if host in ("127.0.0.1", "localhost") else
                                        socket.gethostbyname(socket.gethostname()))
         self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
@@ -113,7 +114,6 @@ class DistributedSync:
         self.connected = False
         self.nonce = ""  # names this connection's groups
         self.failed: set[int] = set()  # rank 0: the servers that failed the current push
-        self.old_versions = OldVersions(root, cfg.keep_last)  # rank 0: versions written for recoveries
 
     # -- groups ----------------------------------------------------------------------------------
 
@@ -200,7 +200,7 @@ class DistributedSync:
                 "probe/logprob_abs_diff_max": self.probe(self.engine, version)}
 
     def close(self) -> None:
-        self.old_versions.wait()
+        self.disk.close()
 
     def _try_connect(self) -> bool:
         if not self.connected:
@@ -249,15 +249,9 @@ class DistributedSync:
     def _recover(self, version: int) -> int:
         """Every server loads ``version`` from disk, the failed ones restarted (collective); how many were."""
         self._disconnect()
-        path = export_version(self.chunks, self.root, version, self.write_files)
-
-        def load() -> int:
+        if self.engine is not None:
             self.engine.each_server(Server.end_weight_update)  # a session left open (400 where none is)
-            restarted = self.engine.load_from_disk(path, version, poisoned=self.failed)
-            self.old_versions.retire()
-            return len(restarted)
-
-        return broadcast_from_rank0(load)
+        return self.disk.deliver(version, poisoned=self.failed)[1]
 
 
 def _open_session(server: Server) -> None:

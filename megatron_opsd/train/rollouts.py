@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,7 @@ class StepRollouts:
     rollouts: list[list[Rollout]] | None = None
     version: int | None = None
     seconds: float = 0.0
-    future: Future | None = None  # rank 0, while the rollouts are being generated ahead
+    result: Callable[[], tuple[list[list[Rollout]], int, float]] | None = None  # rank 0: (rollouts, version, seconds)
 
 
 class RolloutSource:
@@ -92,15 +93,14 @@ class RolloutSource:
                 version = engine.weight_version
                 return engine.generate(prompts, params), version, time.perf_counter() - start
 
-            batch.future = self._pool.submit(generate) if self.ahead else _done(generate)
+            batch.result = self._pool.submit(generate).result if self.ahead else generate
         return batch
 
     def _settle(self, batch: StepRollouts) -> None:
         if self.n == 0 or batch.rollouts is not None:
             return
-        future = batch.future
-        batch.rollouts, batch.version, batch.seconds = broadcast_from_rank0(lambda: future.result())
-        batch.future = None
+        batch.rollouts, batch.version, batch.seconds = broadcast_from_rank0(batch.result)
+        batch.result = None
         if self.checks_versions:
             other = sorted({r.weight_version for group in batch.rollouts for r in group} - {batch.version})
             if other:
@@ -137,11 +137,3 @@ class RolloutSource:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-
-def _done(fn) -> Future:
-    future: Future = Future()
-    try:
-        future.set_result(fn())
-    except Exception as exc:  # noqa: BLE001 - raised on every rank by the broadcast in _settle
-        future.set_exception(exc)
-    return future

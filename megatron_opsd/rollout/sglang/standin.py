@@ -121,10 +121,14 @@ class StandIn:
 
     # -- generation ------------------------------------------------------------------------------
 
-    def submit(self, items: list[Pending]) -> None:
+    def submit(self, items: list[Pending]) -> bool:
+        """Queue ``items``, unless generation is paused (False: a paused server holds them at the door)."""
         with self.lock:
+            if self.paused:
+                return False
             self.queue.extend(items)
             self.lock.notify_all()
+            return True
 
     def _next_batch(self) -> list[Pending]:
         with self.lock:
@@ -328,12 +332,7 @@ def build_app(state: StandIn, api_key: str | None, tp_size: int = 1) -> FastAPI:
             return JSONResponse({"error": str(exc)}, status_code=400)
         except RequestError as exc:
             return JSONResponse({"error": {"message": str(exc)}}, status_code=400)
-        while True:  # a paused server holds new requests at the door
-            with state.lock:
-                if not state.paused:
-                    state.queue.extend(items)
-                    state.lock.notify_all()
-                    break
+        while not state.submit(items):
             await asyncio.sleep(0.02)
         for p in items:
             await asyncio.to_thread(p.done.wait)

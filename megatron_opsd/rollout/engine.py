@@ -4,8 +4,9 @@ the engine protocol.
 Whatever produces rollouts (the embedded engine, recorded rollouts, an inference server fleet)
 offers five things: sample responses for prompt token ids, score given sequences (teacher-forced
 log-probs, for the probe check after a weight sync), say whether it is healthy, say which
-weights it samples with (``weight_version``), and release what it holds (``close``). Loading new weights is not part of the contract:
-each weight-sync strategy (``rollout/sync/``) knows the engines it can feed.
+weights it samples with (``weight_version``), and release what it holds (``close``). Loading new
+weights is not part of the contract: each weight-sync strategy (``rollout/sync/``) knows the
+engines it can feed.
 
 Sampling has one schema, :class:`SamplingConfig` (the config sections of training rollouts and
 of evaluation are subclasses that differ only in defaults), and one runtime form,

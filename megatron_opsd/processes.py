@@ -4,7 +4,11 @@
   however it dies (a SIGKILL too), so that no checkpoint writer or helper outlives a killed run.
 - :class:`StopRequests`: SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) ask the run to
   stop at its next step boundary, where it writes a checkpoint and ends with :class:`RunStopped`;
-  a second signal, or no boundary within a grace period, ends it at once.
+  a second signal, or no boundary within a grace period, ends it at once. The same signal again
+  within :attr:`StopRequests.RELAY_S` is the first one relayed (SLURM signals every process of a
+  job step, and torchrun forwards the one it gets to its workers), not a second request. A stop
+  file (``checkpoint.stop_file``) that appears asks the same as SIGTERM, with no relay at all: what
+  the SLURM launcher writes when its batch script is signalled.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import os
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -80,10 +86,13 @@ class StopRequests:
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    RELAY_S = 5.0  # the same signal within this many seconds is the first one, relayed
 
-    def __init__(self, grace_s: float):
+    def __init__(self, grace_s: float, stop_file: str | Path | None = None):
         self.grace_s = grace_s
+        self.stop_file = Path(stop_file) if stop_file else None
         self.signum: int | None = None
+        self._received_at = 0.0
         self._previous: dict[int, object] = {}
         self._pipe: tuple[int, int] | None = None
         self._previous_fd = -1
@@ -98,6 +107,13 @@ class StopRequests:
         self._previous = {s: signal.signal(s, lambda signum, frame: None) for s in self.SIGNALS}
         threading.Thread(target=self._watch, name="stop-requests", daemon=True).start()
         return self
+
+    @property
+    def requested(self) -> int | None:
+        """The stop request so far: the signal received, SIGTERM for a stop file that exists, or None."""
+        if self.signum is None and self.stop_file is not None and self.stop_file.exists():
+            return signal.SIGTERM
+        return self.signum
 
     def _watch(self) -> None:
         try:
@@ -114,8 +130,10 @@ class StopRequests:
             if signum not in self.SIGNALS:
                 continue  # the wakeup pipe carries every signal Python handles
             if self.signum is not None:
+                if signum == self.signum and time.monotonic() - self._received_at < self.RELAY_S:
+                    continue
                 self._end(signum, "a second stop request")
-            self.signum = signum
+            self.signum, self._received_at = signum, time.monotonic()
             threading.Thread(target=self._deadline, args=(signum,), daemon=True).start()
 
     def _deadline(self, signum: int) -> None:

@@ -81,6 +81,9 @@ class CheckpointConfig(Section):
         default=120.0, gt=0, description="after SIGTERM or Ctrl-C: seconds to reach the next step boundary and write "
         "its checkpoint; past them (or on a second signal) the run ends at once. Keep it below the scheduler's "
         "time between its SIGTERM and SIGKILL")
+    stop_file: str | None = Field(
+        default=None, description="a file whose appearance asks the run to stop as SIGTERM does (at the next phase "
+        "boundary, with a checkpoint); the SLURM launcher's way to stop the trainer without relaying signals")
 
 
 def _layout() -> dict[str, int]:

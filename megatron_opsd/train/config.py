@@ -147,7 +147,11 @@ def _refuse_moved_keys(tree: dict) -> None:
 # are (input files may move; the data set's content is fingerprinted), and the parallel layout
 # (checkpoints reshard). Any other difference from the checkpoint's config means another run.
 RESUMABLE = ("run_dir", "steps", "parallel", "checkpoint", "eval", "tracking", "export_hf", "step", "tokenizer",
-             "model.hf", "data.path", "optim.distributed_optimizer", "rollout.engine.max_batch_size")
+             "model.hf", "data.path", "optim.distributed_optimizer", "rollout.engine.max_batch_size",
+             # where the fleet runs and how it is reached: a requeued or resubmitted job gets new nodes and ports
+             "rollout.engine.urls", "rollout.engine.host", "rollout.engine.router.url", "rollout.engine.router.port",
+             "rollout.engine.router.metrics_port", "rollout.engine.servers.base_port", "rollout.engine.timeouts",
+             "rollout.engine.concurrency", "rollout.sync.dir", "rollout.sync.address", "rollout.sync.port")
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

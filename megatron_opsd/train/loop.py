@@ -17,12 +17,16 @@ Choices:
   anything is trained. With ``rollout.async: 1`` step t+1's rollouts are drawn while step t
   trains, from the weights before step t, and finish before the sync after it
   (``train/rollouts.py``); they are checkpointed, so resuming stays exact.
-- SIGTERM (preemption) or SIGINT stops the run at the next step boundary, the same one on every
-  rank, after writing a checkpoint there (``processes.StopRequests``, ``RunStopped``).
+- SIGTERM (preemption) or SIGINT stops the run at the next phase boundary, the same one on every
+  rank (one all-reduce at each): after a step's training, before its weight sync and evaluation
+  (a resumed run syncs first anyway), or after its checkpoint. It writes a checkpoint there and
+  ``run_dir/stopped.json``, which tells a launcher the run stopped rather than failed
+  (``processes.StopRequests``, ``RunStopped``).
 """
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,7 @@ from megatron_opsd.config import ConfigError
 from megatron_opsd.data.batching import rank_micro_batches
 from megatron_opsd.data.packing import MicroBatch
 from megatron_opsd.data.sample import Sample
-from megatron_opsd.eval.evaluate import evaluate
+from megatron_opsd.eval.evaluate import evaluate, write_report
 from megatron_opsd.models.bridge import write_hf_model
 from megatron_opsd.parallel import broadcast_from_rank0
 from megatron_opsd.platform import current_device
@@ -48,6 +52,8 @@ from megatron_opsd.train.components import Components, build_components
 from megatron_opsd.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
+
+STOPPED = "stopped.json"  # in run_dir while the run is stopped by a signal before its last step
 
 
 class Trainer:
@@ -101,11 +107,22 @@ class Trainer:
 
     @staticmethod
     def _stop_requested(stop: StopRequests) -> int:
-        """The signal any rank received (collective, so that all ranks stop at the same step); 0: none."""
-        signum = torch.tensor(stop.signum or 0, device=current_device())
+        """The signal any rank received (collective, so that all ranks stop at the same boundary); 0: none."""
+        signum = torch.tensor(stop.requested or 0, device=current_device())
         if dist.get_world_size() > 1:
             dist.all_reduce(signum, op=dist.ReduceOp.MAX)
         return int(signum)
+
+    def _stop(self, signum: int, step: int, saved: bool) -> None:
+        """End the run after ``step``: its checkpoint (unless written already), the ``stopped.json``
+        a launcher reads (requeue, or not), then :class:`RunStopped`."""
+        if self.checkpoint_root is not None and not saved:
+            self._save(step)
+        checkpoint = str(self.checkpoint_root / f"step_{step:06d}") if self.checkpoint_root else None
+        if self.is_rank0:
+            write_report(self.run_dir / STOPPED, {"signal": signal.Signals(signum).name, "step": step,
+                                                  "checkpoint": checkpoint})
+        raise RunStopped(signum, step, checkpoint)
 
     def _save(self, step: int) -> None:
         save_checkpoint(self.checkpoint_root, step, self.states, self.cfg.checkpoint.keep_last,
@@ -138,8 +155,10 @@ class Trainer:
         last_eval: dict[str, float] = {}
         evaluates = bool(self.c.eval_problems)
         tracker_start = start + 1 if start else 0
+        if self.is_rank0:
+            (self.run_dir / STOPPED).unlink(missing_ok=True)
         with Tracker(cfg.tracking, self.run_dir, start_step=tracker_start, run_config=cfg.model_dump(),
-                     enabled=self.is_rank0) as tracker, StopRequests(cfg.checkpoint.stop_grace_s) as stop:
+                     enabled=self.is_rank0) as tracker, StopRequests(cfg.checkpoint.stop_grace_s, cfg.checkpoint.stop_file) as stop:
             pending: dict[str, float] = {}  # the first sync's metrics join the next record
             if sync is not None:
                 pending = sync.push(version=start)
@@ -153,6 +172,10 @@ class Trainer:
                 metrics = {**pending, **self.train_step(step)}
                 pending = {}
                 self.c.rollouts.settle()  # the next step's, drawn ahead, come from the weights before this sync
+                signum = self._stop_requested(stop)
+                if signum and step < cfg.steps:  # before the sync and the evaluation
+                    tracker.log(metrics, step=step)
+                    self._stop(signum, step, saved=False)
                 evaluate_now = evaluates and (step == cfg.steps or (cfg.eval.interval and step % cfg.eval.interval == 0))
                 if sync is not None and (step % cfg.rollout.sync.interval == 0 or evaluate_now):
                     metrics.update(sync.push(version=step))
@@ -168,10 +191,7 @@ class Trainer:
                     self._save(step)
                 signum = self._stop_requested(stop)
                 if signum and step < cfg.steps:
-                    if self.checkpoint_root is not None and not saved:
-                        self._save(step)
-                    raise RunStopped(signum, step, str(self.checkpoint_root / f"step_{step:06d}")
-                                     if self.checkpoint_root else None)
+                    self._stop(signum, step, saved)
             if cfg.export_hf:
                 self.export_hf()
         return {"steps": cfg.steps, "metrics": last_metrics, "eval": last_eval}

@@ -22,6 +22,8 @@ class ServersConfig(Section):
 
 class RouterConfig(Section):
     enabled: bool = Field(default=True, description="generation through sglang-router; false: straight to server 0")
+    url: str | None = Field(default=None, description="adopt a router started elsewhere (the SLURM launcher's): the "
+                            "fleet registers its servers with it instead of starting one")
     policy: Literal["random", "round_robin", "cache_aware", "power_of_two"] = Field(
         default="round_robin", description="the router's load-balancing policy")
     port: int | None = Field(default=None, ge=1, description="the router's port; None: a free one")
@@ -49,9 +51,9 @@ class SGLangEngineConfig(Section):
 
     @model_validator(mode="after")
     def _urls_are_urls(self) -> SGLangEngineConfig:
-        bad = [u for u in self.urls or () if not u.startswith(("http://", "https://"))]
+        bad = [u for u in [*(self.urls or ()), self.router.url or "http://"] if not u.startswith(("http://", "https://"))]
         if bad:
-            raise ValueError(f"rollout.engine.urls must be http(s) URLs: {bad}")
+            raise ValueError(f"rollout.engine.urls and router.url must be http(s) URLs: {bad}")
         return self
 
     @property

@@ -9,7 +9,8 @@ restarted.
 - Waiting for ``/health`` has a deadline and checks that each process is alive: a server that dies
   while starting fails the run at once, with the tail of its log.
 - The router (``python -m sglang_router.launch_router``) binds the job's address with every port
-  pinned, its metrics port too, and gets the servers through ``POST /workers``. It forwards only
+  pinned, its metrics port too, and gets the servers through ``POST /workers``; one started
+  elsewhere (``router.url``) is adopted the same way. It forwards only
   generation; control calls go to each server directly.
 - A server that died (or whose weights an update left partial) is restarted on its port from a
   weights directory, taken out of the router first and put back only once it serves those weights.
@@ -25,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,15 +103,8 @@ class Fleet:
         return [base + i for i in range(count)] if base else [free_port(self.cfg.host) for _ in range(count)]
 
     def _launch(self, member: Member, model_path: str, version: int, load_format: str | None = None) -> None:
-        servers, port = self.cfg.servers, member.server.url.rsplit(":", 1)[1]
-        program = [sys.executable if servers.command[0] == "python" else servers.command[0], *servers.command[1:]]
-        command = [*program, "--model-path", model_path, "--host", self.cfg.host, "--port", port,
-                   "--tp-size", str(servers.tp), "--mem-fraction-static", str(servers.mem_fraction),
-                   "--weight-version", str(version), "--skip-tokenizer-init", *servers.args]
-        if load_format:
-            command += ["--load-format", load_format]
-        if self.api_key:
-            command += ["--api-key", self.api_key]
+        port = int(member.server.url.rsplit(":", 1)[1])
+        command = server_command(self.cfg, model_path, self.cfg.host, port, version, load_format, self.api_key)
         shown = " ".join(command).replace(self.api_key, "***") if self.api_key else " ".join(command)
         log.info("starting server %d: %s (log %s)", member.index, shown, member.log)
         member.process = _spawn(command, member.log)
@@ -135,23 +130,22 @@ class Fleet:
 
     def _start_router(self) -> None:
         router, host = self.cfg.router, self.cfg.host
+        if router.url:  # started elsewhere: only reached
+            self.router = Server(router.url.rstrip("/"), self.api_key, self.cfg.timeouts.control_s)
+            self._wait_router(None, None)
+            return
         port, metrics_port = router.port or free_port(host), router.metrics_port or free_port(host)
-        command = [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
-                   "--policy", router.policy, "--prometheus-host", host, "--prometheus-port", str(metrics_port),
-                   "--worker-startup-timeout-secs", str(int(self.cfg.timeouts.startup_s)),
-                   "--request-timeout-secs", str(int(self.cfg.timeouts.request_s)),
-                   "--health-check-interval-secs", "5", "--disable-circuit-breaker", "--log-level", "warn",
-                   *router.args]
-        if self.api_key:
-            command += ["--api-key", self.api_key]
         self.router = Server(f"http://{host}:{port}", self.api_key, self.cfg.timeouts.control_s)
         router_log = self.log_dir / "router.log"
-        self._router_process = _spawn(command, router_log)
+        self._router_process = _spawn(router_command(self.cfg, host, port, metrics_port, self.api_key), router_log)
+        self._wait_router(self._router_process, router_log)
+
+    def _wait_router(self, process: subprocess.Popen | None, log_path: Path | None) -> None:
         deadline = time.monotonic() + 60
         while not self.router.healthy(timeout_s=1.0):
-            if self._router_process.poll() is not None or time.monotonic() > deadline:
-                raise FleetError(f"the router did not start ({self.router.url}); its log ({router_log}) ends:\n"
-                                 f"{log_tail(router_log)}")
+            if (process is not None and process.poll() is not None) or time.monotonic() > deadline:
+                where = f"its log ({log_path}) ends:\n{log_tail(log_path)}" if log_path else "it was started elsewhere"
+                raise FleetError(f"the router did not answer /health ({self.router.url}); {where}")
             time.sleep(0.2)
 
     def _register(self, member: Member) -> None:
@@ -216,6 +210,36 @@ class Fleet:
             self.router.close()
 
 
+def server_command(cfg: SGLangEngineConfig, model_path: str, host: str, port: int, version: int,
+                   load_format: str | None = None, api_key: str | None = None, extra: Sequence[str] = ()) -> list[str]:
+    """The command line of one server of ``cfg`` (``servers.command`` and the flags both it and
+    ``sglang.launch_server`` take); 'python' is this interpreter."""
+    servers = cfg.servers
+    program = [sys.executable if servers.command[0] == "python" else servers.command[0], *servers.command[1:]]
+    command = [*program, "--model-path", model_path, "--host", host, "--port", str(port),
+               "--tp-size", str(servers.tp), "--mem-fraction-static", str(servers.mem_fraction),
+               "--weight-version", str(version), "--skip-tokenizer-init", *extra, *servers.args]
+    if load_format:
+        command += ["--load-format", load_format]
+    if api_key:
+        command += ["--api-key", api_key]
+    return command
+
+
+def router_command(cfg: SGLangEngineConfig, host: str, port: int, metrics_port: int, api_key: str | None) -> list[str]:
+    """The command line of the router of ``cfg``, bound to ``host`` with both its ports pinned; the
+    servers are registered afterwards (``POST /workers``)."""
+    command = [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
+               "--policy", cfg.router.policy, "--prometheus-host", host, "--prometheus-port", str(metrics_port),
+               "--worker-startup-timeout-secs", str(int(cfg.timeouts.startup_s)),
+               "--request-timeout-secs", str(int(cfg.timeouts.request_s)),
+               "--health-check-interval-secs", "5", "--disable-circuit-breaker", "--log-level", "warn",
+               *cfg.router.args]
+    if api_key:
+        command += ["--api-key", api_key]
+    return command
+
+
 def _spawn(command: list[str], log_path: Path) -> subprocess.Popen:
     """``command`` as a process group of its own, its output appended to ``log_path``, killed if this
     process dies; its environment is this one without the rendezvous a single-process server would join."""
@@ -240,4 +264,4 @@ def _stop(process: subprocess.Popen | None, grace_s: float = 10.0) -> None:
         pass
 
 
-__all__ = ["Fleet", "FleetError", "Member", "SGLangError"]
+__all__ = ["Fleet", "FleetError", "Member", "SGLangError", "router_command", "server_command"]

@@ -2,7 +2,8 @@
 
 Its flags are ``sglang.launch_server``'s for what the stand-in supports, so a fleet starts either
 with the same command line; the others it accepts and ignores (``--mem-fraction-static``,
-``--skip-tokenizer-init``). The server and its web framework are imported only when it runs.
+``--skip-tokenizer-init``, ``--nccl-port``, ``--base-gpu-id``). The server and its web framework
+are imported only when it runs.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="stand-in only: a batch starts once no request has arrived for this long (or it is full)")
     p.add_argument("--mem-fraction-static", type=float, default=None, help="accepted for compatibility; unused")
     p.add_argument("--skip-tokenizer-init", action="store_true", help="accepted; the stand-in never tokenizes")
+    p.add_argument("--nccl-port", type=int, default=None, help="accepted for compatibility; unused (no NCCL)")
+    p.add_argument("--base-gpu-id", type=int, default=None, help="accepted for compatibility; unused (CPU)")
     p.add_argument("--log-level", dest="server_log_level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=run, user_errors=(FileNotFoundError,))
 

@@ -54,7 +54,10 @@ class SyncConfig(Section):
         default="auto", description="distributed: the weight group's backend; auto: nccl on GPUs, gloo on CPUs")
     address: str | None = Field(
         default=None, description="distributed: the address servers reach this node's stage senders at; default: "
-        "127.0.0.1 for a fleet on 127.0.0.1, else this host's address")
+        "$OPSD_NODE_ADDRESS (the SLURM launcher sets it per node), 127.0.0.1 for a fleet on 127.0.0.1, else this "
+        "host's address")
+    port: int | None = Field(
+        default=None, ge=1, description="distributed: pipeline stage s's sender listens on port + s; None: free ports")
 
 
 class WeightSync(Protocol):

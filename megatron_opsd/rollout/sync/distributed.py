@@ -24,6 +24,7 @@ groups are rebuilt at the next push.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import socket
 import time
@@ -48,6 +49,8 @@ from megatron_opsd.rollout.sync.base import ProbeCheck, SyncConfig
 from megatron_opsd.rollout.sync.disk import DiskSync
 
 log = logging.getLogger(__name__)
+
+NODE_ADDRESS_ENV = "OPSD_NODE_ADDRESS"  # this node's address on the job's fabric (set by the SLURM launcher)
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,8 @@ class DistributedSync:
         self.engine, self.chunks, self.probe = engine, [unwrap_model(c) for c in chunks], probe
         self.cfg, self.timeout_s = cfg, timeout_s
         self.disk = DiskSync(engine, chunks, probe, root, cfg.keep_last, write_files)  # what a failed push falls back to
-        self.address = cfg.address or ("127.0.0.1" if host in ("127.0.0.1", "localhost") else
-                                       socket.gethostbyname(socket.gethostname()))
+        self.address = cfg.address or os.environ.get(NODE_ADDRESS_ENV) or (
+            "127.0.0.1" if host in ("127.0.0.1", "localhost") else socket.gethostbyname(socket.gethostname()))
         self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
         self.dtype = self.chunks[0].config.params_dtype
         self.group: dist.ProcessGroup | None = None  # this rank's weight group (stage senders)
@@ -121,7 +124,9 @@ class DistributedSync:
         """Create every stage's weight group with every server (collective)."""
         mine = None
         if is_stage_sender():
-            mine = (Sender(ps.get_pipeline_model_parallel_rank(), self.address, free_port(self.address)),
+            stage = ps.get_pipeline_model_parallel_rank()
+            port = self.cfg.port + stage if self.cfg.port else free_port(self.address)
+            mine = (Sender(stage, self.address, port),
                     stage_hf_shapes(self.chunks))
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)

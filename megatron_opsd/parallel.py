@@ -88,16 +88,27 @@ def broadcast_from_rank0(produce: Callable[[], T]) -> T:
     If it raises, every rank raises (rank 0 the original error, the others a RuntimeError naming
     it), instead of the others waiting for rank 0 in their next collective until the timeout.
     """
+    return _on_rank0(produce, share_result=True)
+
+
+def on_rank0(produce: Callable[[], T]) -> T | None:
+    """``produce()`` on global rank 0 (None elsewhere): for what cannot be sent (an engine with its
+    processes), with :func:`broadcast_from_rank0`'s rule that an error is raised on every rank."""
+    return _on_rank0(produce, share_result=False)
+
+
+def _on_rank0(produce: Callable[[], T], share_result: bool) -> T | None:
     payload: list[Any] = [None, None]
-    error = None
+    error, result = None, None
     if dist.get_rank() == 0:
         try:
-            payload[0] = produce()
+            result = produce()
         except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
             error, payload[1] = exc, f"{type(exc).__name__} on rank 0: {exc}"
+        payload[0] = result if share_result else None
     dist.broadcast_object_list(payload, src=0)
     if error is not None:
         raise error
     if payload[1] is not None:
         raise RuntimeError(payload[1])
-    return payload[0]
+    return result if dist.get_rank() == 0 else payload[0]

@@ -77,6 +77,15 @@ def _session_members(sid: int) -> list[psutil.Process]:
     return members
 
 
+def workdir_arg() -> Path:
+    """The ``--workdir`` a worker module was launched with (``launch(..., "--workdir", DIR)``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", required=True)
+    return Path(parser.parse_known_args()[0].workdir)
+
+
 def run_checks(checks: dict[str, Callable[[], None]], setup: Callable[[], None] | None = None) -> None:
     """Worker side: init gloo, run every check on every rank, rank 0 writes the merged results.
 

@@ -47,7 +47,7 @@ def test_ports_come_from_the_job_id_below_the_ephemeral_range():
 
 def test_a_fabric_prefix_that_matches_nothing_fails_at_once_naming_the_interfaces():
     assert fabric_interface("127.") == ("lo", "127.0.0.1")
-    with pytest.raises(LaunchError, match=r"no interface with an address starting with '203\.0\.113\.'.*lo 127\.0\.0\.1"):
+    with pytest.raises(LaunchError, match=r"no interface with an address starting with '203\.0\.113\.'.*lo 127"):
         fabric_interface("203.0.113.")
 
 
@@ -100,8 +100,9 @@ def test_each_task_becomes_its_role_with_the_plan_s_addresses_and_ports(tmp_path
     argv, _ = task_command(plan, "server", "ib0", "10.0.0.5", {"SLURM_PROCID": "1", "OPSD_SGLANG_API_KEY": "k"})
     slot = plan.servers[1]
     assert argv[1:3] == ["-m", "sglang.launch_server"] and argv[argv.index("--host") + 1] == "10.0.0.5"
-    assert argv[argv.index("--port") + 1] == str(slot.port) and argv[argv.index("--nccl-port") + 1] == str(slot.nccl_port)
-    assert argv[argv.index("--tp-size") + 1] == "8" and argv[argv.index("--api-key") + 1] == "k"
+    assert argv[argv.index("--port") + 1] == str(slot.port)
+    assert argv[argv.index("--nccl-port") + 1] == str(slot.nccl_port)
+    assert argv[argv.index("--tp-size") + 1] == "8" and "--api-key=k" in argv
     argv, _ = task_command(plan, "router", "ib0", "10.0.0.5", {})
     assert "sglang_router.launch_router" in argv and argv[argv.index("--port") + 1] == str(plan.ports.router)
     announce(plan, "master", {"address": "10.0.0.1"})
@@ -132,7 +133,8 @@ def _dry_run(script: str, nodelist: str, **env) -> str:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OPSD_"))}
     environ |= {"OPSD_DRY_RUN": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": Path(script).stem,
                 "SLURM_JOB_NODELIST": nodelist, "OPSD_PYTHON": sys.executable, **env}
-    done = subprocess.run(["bash", script], cwd=REPO, env=environ, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(["bash", script], cwd=REPO, env=environ, capture_output=True, text=True, timeout=300,
+                          check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -151,6 +153,29 @@ def test_the_cluster_scripts_dry_run_against_synthetic_node_lists(script, nodeli
     servers = re.findall(r"server \d+: (\S+):(\d+) \(nccl (\d+)", out)
     ports = [p for _, port, nccl in servers for p in (port, nccl)]
     assert servers and len(set(ports)) == len(ports)
-    steps = {name: line for name, line in re.findall(r"^  (router|servers|trainer): (srun .*)$", out, re.M)}
+    steps = {name: line for name, line in re.findall(r"^  (router|servers|trainer): (srun .*)$", out, re.MULTILINE)}
     assert set(steps) == {"router", "servers", "trainer"} and "launch task trainer" in steps["trainer"]
     assert not (REPO / "logs" / f"{Path(script).stem}-4242").exists()  # printed, nothing started or written
+
+
+def test_a_launch_without_model_weights_fails_before_starting_anything(tmp_path):
+    from megatron_opsd.launch.run import launch
+
+    plan = _plan(6, train_nodes=4, log_root=str(tmp_path), fabric_prefix="127.")
+    with pytest.raises(LaunchError, match="examples/models/llama3_70b has no \\*.safetensors weights"):
+        launch(plan)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_server_api_key_that_begins_with_a_dash_is_still_one_argument():
+    """secrets.token_urlsafe starts one key in 64 with '-': as a separate word argparse took it for a flag."""
+    from megatron_opsd.cli import parse
+    from megatron_opsd.rollout.sglang.config import SGLangEngineConfig
+    from megatron_opsd.rollout.sglang.fleet import server_command
+
+    cfg = SGLangEngineConfig(kind="sglang", servers={"command": ["python", "-m", "megatron_opsd.cli", "serve"]})
+    argv = server_command(cfg, "/m", "127.0.0.1", 30000, 0, "dummy", api_key="-Xy_z")
+    assert parse(argv[argv.index("serve"):]).api_key == "-Xy_z"
+    done = subprocess.run([sys.executable, "-m", "sglang_router.launch_router", "--api-key=-Xy_z", "--help"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -231,8 +231,9 @@ def test_input_errors() -> None:
         fused_token_divergence(*args, target_ids=torch.full_like(case.target_ids, case.cfg.vocab_size))
     with pytest.raises(ValueError, match="shape mismatch"):
         fused_token_divergence(*args[:2], args[2][:, :-1], *args[3:], target_ids=case.target_ids)
+    trained = case.student_weight.detach().clone().requires_grad_()  # a frozen one (LoRA) needs no main_grad
     with pytest.raises(ValueError, match="main_grad_scale needs student_weight.main_grad"):
-        fused_token_divergence(*args, target_ids=case.target_ids, main_grad_scale=1.0)
+        fused_token_divergence(*args[:2], trained, *args[3:], target_ids=case.target_ids, main_grad_scale=1.0)
     small = case.cfg.model_copy(update={"vocab_size": case.student_weight.shape[0] + 1})
     with pytest.raises(ValueError, match="cannot hold"):
         fused_token_divergence(*args[:4], small, target_ids=case.target_ids)

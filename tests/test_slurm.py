@@ -21,8 +21,8 @@ STEPS = ["steps=6", "checkpoint.interval=2", "eval.limit=8"]
 
 def _slurm_is_up() -> bool:
     try:
-        return subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20).stdout.split() \
-            == ["idle"]
+        states = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20, check=False)
+        return states.stdout.split() == ["idle"]
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -41,8 +41,8 @@ class Job:
     def __init__(self, root: Path, overrides: list[str], **env: str):
         self.root = root
         environ = {k: v for k, v in os.environ.items() if not k.startswith("OPSD_")}
-        environ |= {"OPSD_PYTHON": sys.executable, "OPSD_RUN_DIR": str(root / "run"), "OPSD_LOG_ROOT": str(root / "logs"),
-                    **env}
+        environ |= {"OPSD_PYTHON": sys.executable, "OPSD_RUN_DIR": str(root / "run"),
+                    "OPSD_LOG_ROOT": str(root / "logs"), **env}
         self.started = time.monotonic()
         self.process = subprocess.Popen(
             ["sbatch", "--wait", "--parsable", f"--output={root}/%x-%j.out", "slurm/opsd_tiny.sh", *overrides],
@@ -145,7 +145,11 @@ def test_a_signalled_job_can_hand_over_to_a_singleton_successor(tmp_path):
     assert job.wait() == 0, job.output[-4000:]
     successor = int(job.output.split("resubmitted as job ")[1].split()[0])
     deadline = time.monotonic() + 300
-    while subprocess.run(["squeue", "-h", "-j", str(successor)], capture_output=True, text=True).stdout.strip():
+    def queued() -> bool:
+        return bool(subprocess.run(["squeue", "-h", "-j", str(successor)], capture_output=True, text=True,
+                                   check=False).stdout.strip())
+
+    while queued():
         assert time.monotonic() < deadline, f"job {successor} still queued or running"
         time.sleep(1)
     assert "the trainer finished" in job.output  # the successor appended to the same output

@@ -18,6 +18,7 @@ for the step runner's rollout-vs-trainer mismatch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -31,6 +32,7 @@ from megatron_opsd.data.sample import ROLLOUT_LOGPROBS, Sample
 from megatron_opsd.data.sources import Problem
 from megatron_opsd.fileio import CheckpointError
 from megatron_opsd.models.checkpoint import ShardedStateful, shadow_sharded_state_dict
+from megatron_opsd.models.lora import adapters_disabled, has_adapters
 from megatron_opsd.opsd.logprobs import token_logprobs
 from megatron_opsd.opsd.loss import LossConfig, dense_token_divergence, fused_token_divergence
 from megatron_opsd.opsd.teacher import Teacher, TeacherConfig
@@ -55,7 +57,12 @@ class OPSD:
         self.chunks = list(chunks)
         self.prompts = prompts
         self.logprob_temperature = logprob_temperature  # the engine reports log-probs at the sampling temperature
-        self.teacher = Teacher(cfg.teacher, [p for c in self.chunks for p in c.parameters()])
+        # With LoRA the teacher's own weights are the adapters' (the frozen base is shared), and the
+        # fixed teacher is the base with every adapter off: no copy of anything.
+        lora = has_adapters(self.chunks)
+        trained = [p for c in self.chunks for p in c.parameters() if p.requires_grad or not lora]
+        base = functools.partial(adapters_disabled, self.chunks) if lora else None
+        self.teacher = Teacher(cfg.teacher, trained, base=base)
         self.forward_passes = (ForwardPass("teacher", "teacher", self.teacher.weights_in_model, self.teacher.update),)
 
     def samples(self, problems: Sequence[Problem], rollouts: Sequence[Sequence[Sample]] | None) -> list[Sample]:
@@ -100,7 +107,8 @@ class TeacherState:
 
     def sharded_state_dict(self, is_loading: bool = False) -> dict:
         tensors = self.teacher.state_tensors()
-        shards = {} if tensors is None else shadow_sharded_state_dict(self.chunks, tensors, prefix="teacher.")
+        shards = {} if tensors is None else shadow_sharded_state_dict(self.chunks, self.teacher.params, tensors,
+                                                                      prefix="teacher.")
         self._targets = {name: sh.data for name, sh in shards.items()}
         return {"mode": self.teacher.cfg.mode, "weights": shards}
 

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 from megatron_opsd.launch.config import LaunchConfig, settings_reference
-from megatron_opsd.launch.slurm import Job, LaunchError
 from megatron_opsd.launch.plan import ROLES
+from megatron_opsd.launch.slurm import Job, LaunchError
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -120,10 +120,11 @@ class Plan:
         ports, job = self.ports, self.job
         gpus = f"{self.gpus_per_node} GPUs" if self.gpus_per_node else "CPUs"
         lines = [
-            f"job {job.id} ({job.name}), {len(job.nodes)} nodes, restart {job.restart_count}; "
-            f"logs {self.log_dir}, run {self.run_dir}",
-            f"trainer: {len(self.trainer_nodes)} nodes ({', '.join(self.trainer_nodes)}) x {self.procs_per_node} ranks "
-            f"({gpus}) = {len(self.trainer_nodes) * self.procs_per_node} ranks: TP {self.tp} x PP {self.pp} x DP {self.dp}",
+            (f"job {job.id} ({job.name}), {len(job.nodes)} nodes, restart {job.restart_count}; "
+            f"logs {self.log_dir}, run {self.run_dir}"),
+            (f"trainer: {len(self.trainer_nodes)} nodes ({', '.join(self.trainer_nodes)}) x {self.procs_per_node} "
+             f"ranks ({gpus}) = {len(self.trainer_nodes) * self.procs_per_node} ranks: TP {self.tp} x PP {self.pp} "
+             f"x DP {self.dp}"),
         ]
         if self.uses_fleet:
             lines.append(f"rollout: {len(self.rollout_nodes)} nodes ({', '.join(self.rollout_nodes)}): "
@@ -132,8 +133,8 @@ class Plan:
         fabric = f"addresses starting with {self.fabric_prefix!r}" if self.fabric_prefix else \
             "the address each node's host name resolves to"
         lines += [f"fabric: {fabric}, resolved on each node; NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME: its interface",
-                  f"ports: master {ports.master}, router {ports.router} (metrics {ports.router_metrics}), weight sync "
-                  f"{ports.sync}+stage, servers from {ports.server(0)} (each with an NCCL port after it)"]
+                  (f"ports: master {ports.master}, router {ports.router} (metrics {ports.router_metrics}), weight sync "
+                  f"{ports.sync}+stage, servers from {ports.server(0)} (each with an NCCL port after it)")]
         for s in self.servers:
             gpu_ids = f", GPUs {s.base_gpu_id}-{s.base_gpu_id + self.sglang_tp - 1}" if self.gpus_per_node else ""
             lines.append(f"  server {s.index}: {s.node}:{s.port} (nccl {s.nccl_port}{gpu_ids})")
@@ -234,6 +235,6 @@ def _steps(plan: Plan, servers_per_node: int, cpus_per_node: int | None) -> list
                   Step("servers", plan.rollout_nodes,
                        [*srun("servers", plan.rollout_nodes, servers_per_node, f"{log_dir}/server-%t.log"),
                         *task, "server", plan_file])]
-    steps.append(Step("trainer", plan.trainer_nodes, [*srun("trainer", plan.trainer_nodes, 1, f"{log_dir}/trainer-%t.log"),
-                                                      *task, "trainer", plan_file]))
+    trainer = srun("trainer", plan.trainer_nodes, 1, f"{log_dir}/trainer-%t.log")
+    steps.append(Step("trainer", plan.trainer_nodes, [*trainer, *task, "trainer", plan_file]))
     return steps

@@ -9,8 +9,9 @@ the fleet, run the trainer, and decide what its end means.
 - A stop request to the batch script (SIGTERM from ``--signal=B:TERM@N``, SIGINT) reaches the
   trainer as its stop file (``checkpoint.stop_file``), not as a signal: one request, however many
   processes SLURM signals and torchrun relays to, and the servers keep serving until the trainer
-  has finished its step and written its checkpoint. A trainer that stopped (``run_dir/stopped.json``) has the job requeued,
-  resubmitted or ended (``OPSD_ON_STOP``); one that failed fails the job with its logs' tails.
+  has finished its step and written its checkpoint. A trainer that stopped (``run_dir/stopped.json``)
+  has the job requeued, resubmitted or ended (``OPSD_ON_STOP``); one that failed fails the job with
+  its logs' tails.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Self
 
 import yaml
 
@@ -30,7 +32,7 @@ from megatron_opsd.launch import slurm
 from megatron_opsd.launch.network import fabric_interface
 from megatron_opsd.launch.plan import CONFIG_FILE, PLAN_FILE, Plan, Step
 from megatron_opsd.launch.slurm import LaunchError
-from megatron_opsd.launch.task import announced
+from megatron_opsd.launch.task import REGISTRY, announced
 from megatron_opsd.rollout.factory import API_KEY_ENV
 from megatron_opsd.rollout.sglang.client import Server
 from megatron_opsd.rollout.sglang.fleet import log_tail
@@ -64,18 +66,19 @@ class Launch:
         for name in names:
             code = self.processes[name].poll()
             if code is not None:
-                raise LaunchError(f"step {name} ended with code {code}; its logs end:{self.tails(self.plan.step(name))}")
+                tails = self.tails(self.plan.step(name))
+                raise LaunchError(f"step {name} ended with code {code}; its logs end:{tails}")
 
-    def __enter__(self) -> Launch:
+    def __enter__(self) -> Self:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for name, process in reversed(self.processes.items()):
+        for process in reversed(self.processes.values()):
             if process.poll() is None:
                 process.terminate()  # srun ends its step on every node
-        for name, process in self.processes.items():
+        for process in self.processes.values():
             try:
                 process.wait(30)
             except subprocess.TimeoutExpired:
@@ -135,8 +138,11 @@ class Stopped(Exception):
 def launch(plan: Plan) -> int:
     """Run the job ``plan`` describes; the job's exit code."""
     log_dir = Path(plan.log_dir)
-    (log_dir / "registry").mkdir(parents=True, exist_ok=True)
     interface, address = fabric_interface(plan.fabric_prefix)  # fails at once on a prefix that matches nothing
+    if plan.uses_fleet and plan.load_format is None and not any(Path(plan.model_path).glob("*.safetensors")):
+        raise LaunchError(f"model.hf={plan.model_path} has no *.safetensors weights for the servers to load: set "
+                          f"model.hf (and tokenizer) to the downloaded model, e.g. OPSD_OVERRIDES='model.hf=DIR'")
+    (log_dir / REGISTRY).mkdir(parents=True, exist_ok=True)
     plan.save(log_dir / PLAN_FILE)
     os.environ.setdefault(API_KEY_ENV, secrets.token_urlsafe(24))  # one per job, passed to every step's tasks
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -152,7 +158,8 @@ def launch(plan: Plan) -> int:
                 run.start(plan.step("router"))
                 run.start(plan.step("servers"))
                 urls, router = run.wait_for_fleet()
-            atomic_write_text(log_dir / CONFIG_FILE, yaml.safe_dump(plan.training_config(urls, router), sort_keys=False))
+            config = plan.training_config(urls, router)
+            atomic_write_text(log_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
             stopped_marker.unlink(missing_ok=True)
             code = run.run_trainer()
         except Stopped as stop:
@@ -196,5 +203,5 @@ def _write_model_files(plan: Plan) -> None:
 
 
 def _commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
     return done.stdout.strip() or "unknown"

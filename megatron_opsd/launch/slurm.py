@@ -64,7 +64,7 @@ def hostnames(nodelist: str) -> list[str]:
     """The host names of a SLURM node list: ``scontrol show hostnames`` where it runs, else the same
     expansion done here (:func:`expand_hostlist`)."""
     if shutil.which("scontrol"):
-        done = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        done = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=False)
         if done.returncode == 0 and done.stdout.split():
             return done.stdout.split()
     return expand_hostlist(nodelist)
@@ -101,7 +101,7 @@ def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
 
 def requeue(job_id: int) -> None:
     """Put this job back in the queue; SLURM ends the running batch script (so call it last)."""
-    done = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True)
+    done = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise LaunchError(f"scontrol requeue {job_id} failed (is the job submitted with --requeue?): "
                           f"{done.stderr.strip()}")
@@ -111,14 +111,16 @@ def resubmit(job: Job, script_args: list[str]) -> str:
     """Submit this job's script again with ``script_args``, to start when this one has ended
     (``--dependency=singleton``: one job of this name at a time), in the same directory and
     appending to the same output; its id."""
-    shown = subprocess.run(["scontrol", "show", "job", str(job.id), "-o"], capture_output=True, text=True).stdout
+    shown = subprocess.run(["scontrol", "show", "job", str(job.id), "-o"], capture_output=True, text=True,
+                           check=False).stdout
     fields = dict(re.findall(r"\b(Command|WorkDir|StdOut)=(\S+)", shown))
     if "Command" not in fields:
         raise LaunchError(f"cannot resubmit job {job.id}: scontrol does not show its script")
     command = ["sbatch", "--parsable", "--dependency=singleton", f"--job-name={job.name}", "--open-mode=append",
-               *(f"--{flag}={fields[key]}" for flag, key in (("chdir", "WorkDir"), ("output", "StdOut")) if key in fields),
+               *(f"--{flag}={fields[key]}" for flag, key in (("chdir", "WorkDir"), ("output", "StdOut"))
+                 if key in fields),
                fields["Command"], *script_args]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise LaunchError(f"{' '.join(command)} failed: {done.stderr.strip()}")
     return done.stdout.strip().split(";")[0]

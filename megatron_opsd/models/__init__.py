@@ -49,6 +49,7 @@ from megatron_opsd.models.architectures import (
     transformer_config,
 )
 from megatron_opsd.models.gpt import LlamaFamilyModel, attention_mask
+from megatron_opsd.models.lora import LoraConfig
 from megatron_opsd.section import Section
 
 
@@ -57,6 +58,9 @@ class ModelConfig(Section):
     config: dict[str, Any] | None = Field(
         default=None, description="inline HF config (model_type plus its fields) of a randomly initialized model")
     dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="training parameter dtype")
+    lora: LoraConfig | None = Field(
+        default=None, description="train LoRA adapters on the frozen model (the paper: r 64, alpha 128 on q, k, v, o, "
+        "gate, up, down); None: every weight")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:

@@ -40,6 +40,7 @@ from megatron_opsd.fileio import CheckpointError, atomic_output_dir
 from megatron_opsd.models.architectures import Architecture
 from megatron_opsd.models.gpt import LlamaFamilyModel
 from megatron_opsd.models.hf_io import HFReader, write_hf_shards
+from megatron_opsd.models.lora import is_adapter_param, merged_weights
 
 EMBED, LM_HEAD, FINAL_NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
 
@@ -75,6 +76,11 @@ class _Item:
     kind: str  # replicated | row | glu | qkv | vocab
     hf_names: tuple[str, ...]
     exported: bool = True  # False for the last stage's copy of tied embeddings
+    merged: Callable[[], Tensor] | None = None  # with LoRA adapters: base + scale * B @ A (models/lora.py)
+
+    def value(self) -> Tensor:
+        """What export writes: the parameter, or its merged weight when an adapter sits on it."""
+        return self.merged() if self.merged is not None else self.param.detach()
 
 
 def hf_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
@@ -114,8 +120,10 @@ def hf_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
 
 
 def _items(chunk: LlamaFamilyModel) -> list[_Item]:
-    arch, items = chunk.arch, []
+    arch, items, merged = chunk.arch, [], merged_weights(chunk)
     for name, param in chunk.named_parameters():
+        if is_adapter_param(name):  # merged into its base weight on export; HF checkpoints hold none
+            continue
         if name == "embedding.word_embeddings.weight":
             items.append(_Item(name, param, "vocab", (EMBED,)))
         elif name == "output_layer.weight":
@@ -126,7 +134,8 @@ def _items(chunk: LlamaFamilyModel) -> list[_Item]:
         elif (m := _LAYER_NAME.fullmatch(name)) and m.group(2) in _LAYER_PARAMS:
             layer = chunk.decoder.layers[int(m.group(1))].layer_number - 1  # global, 0-based
             kind, suffixes = _LAYER_PARAMS[m.group(2)]
-            items.append(_Item(name, param, kind, tuple(f"model.layers.{layer}.{s}" for s in suffixes)))
+            items.append(_Item(name, param, kind, tuple(f"model.layers.{layer}.{s}" for s in suffixes),
+                               merged=merged.get(name)))
         else:
             raise KeyError(f"Megatron parameter {name} has no Hugging Face mapping")
     return items
@@ -201,7 +210,7 @@ def _cat(parts: list[Tensor], dim: int = 0) -> Tensor:
 
 def _gather_tp(item: _Item, arch: Architecture, group: dist.ProcessGroup, size: int) -> list[Tensor] | None:
     """Full HF tensors for ``item`` on the group's first rank, None on the others (collective over TP)."""
-    local = item.param.detach()
+    local = item.value()
     first = dist.get_process_group_ranks(group)[0] if size > 1 else dist.get_rank()
     if item.kind == "replicated":
         return [local] if dist.get_rank() == first else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import multiprocessing as mp
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -36,8 +37,10 @@ from megatron_opsd.fileio import (
     verify_manifest,
     write_manifest,
 )
+from megatron_opsd.models.bridge import load_hf_weights
 from megatron_opsd.models.gpt import LlamaFamilyModel
 from megatron_opsd.models.hf_io import copy_non_weight_files
+from megatron_opsd.models.lora import LoraConfig, add_adapters, has_adapters, is_adapter_param
 
 HF_SUBDIR = "hf"
 
@@ -178,12 +181,37 @@ def load(chunks: list[LlamaFamilyModel], ckpt_dir: str | Path) -> None:
     if not (ckpt_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a Megatron dist checkpoint: no metadata.json")
     request = _merge_in_place(chunk.sharded_state_dict())
+    lora = read_lora_manifest(ckpt_dir)
+    if lora is not None:  # adapters only: the base comes from where the run took it
+        cfg, base = lora
+        if not has_adapters(chunks):
+            if base is None:
+                raise CheckpointError(f"{ckpt_dir} holds LoRA adapters over a randomly initialized base (model.config): "
+                                      f"only its training run can rebuild that base")
+            load_hf_weights(chunks, base)
+            add_adapters(chunks, cfg, seed=0)
+        request = {k: v for k, v in _merge_in_place(chunk.sharded_state_dict()).items() if is_adapter_param(k)}
     try:
         state = dist_checkpointing.load(request, str(ckpt_dir))
     except CheckpointException as exc:  # a BaseException: it would escape every `except Exception`
         raise CheckpointError(f"{ckpt_dir}: cannot load the model (was it written for another one?): "
                               f"{load_failure(exc)}") from exc
-    chunk.load_state_dict({key: state[key] for key in request})
+    chunk.load_state_dict({key: state[key] for key in request}, strict=lora is None)
+
+
+LORA_MANIFEST = "lora.json"  # in a checkpoint of LoRA adapters only: their config and the base model
+
+
+def write_lora_manifest(directory: Path, cfg: LoraConfig, base: str | None) -> None:
+    (directory / LORA_MANIFEST).write_text(json.dumps({"lora": cfg.model_dump(), "base": base}, indent=1) + "\n")
+
+
+def read_lora_manifest(directory: Path) -> tuple[LoraConfig, str | None] | None:
+    path = directory / LORA_MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    return LoraConfig.model_validate(manifest["lora"]), manifest["base"]
 
 
 class Stateful(Protocol):
@@ -215,12 +243,12 @@ def load_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def shadow_sharded_state_dict(chunks: Sequence[torch.nn.Module], tensors: Sequence[torch.Tensor],
-                              prefix: str) -> ShardedStateDict:
-    """The chunks' sharded state dict re-pointed at ``tensors`` (one per parameter, in the order of
-    the chunks' ``parameters()``, same shapes), every key prefixed with ``prefix``: a second set of
-    weights (a teacher, an average) that is saved and resharded exactly like the model's own."""
-    params = [p for chunk in chunks for p in chunk.parameters()]
+def shadow_sharded_state_dict(chunks: Sequence[torch.nn.Module], params: Sequence[torch.Tensor],
+                              tensors: Sequence[torch.Tensor], prefix: str) -> ShardedStateDict:
+    """The chunks' sharded state dict entries of ``params`` re-pointed at ``tensors`` (one per
+    parameter, same shapes), every key prefixed with ``prefix``: a second set of weights (a
+    teacher, an average; of every parameter or of the LoRA adapters) that is saved and resharded
+    exactly like the model's own."""
     if len(params) != len(tensors):
         raise ValueError(f"{len(tensors)} tensors for {len(params)} parameters")
     by_param = {id(p): t for p, t in zip(params, tensors)}
@@ -236,5 +264,18 @@ def shadow_sharded_state_dict(chunks: Sequence[torch.nn.Module], tensors: Sequen
     return out
 
 
-__all__ = ["HF_SUBDIR", "ShardedStateful", "Stateful", "hf_config_dir", "load", "load_failure", "save", "save_sharded",
-           "shadow_sharded_state_dict", "use_fork_results_queue"]
+__all__ = [
+    "HF_SUBDIR",
+    "LORA_MANIFEST",
+    "ShardedStateful",
+    "Stateful",
+    "hf_config_dir",
+    "load",
+    "load_failure",
+    "read_lora_manifest",
+    "save",
+    "save_sharded",
+    "shadow_sharded_state_dict",
+    "use_fork_results_queue",
+    "write_lora_manifest",
+]

@@ -222,7 +222,8 @@ def fused_token_divergence(student_hidden: torch.Tensor, teacher_hidden: torch.T
         raise ValueError(f"{tp} shards of {v_local} rows cannot hold vocab_size={cfg.vocab_size}")
     if target_ids is not None and target_ids.numel() != n:
         raise ValueError(f"target_ids has {target_ids.numel()} entries for {n} tokens")
-    if main_grad_scale is not None and getattr(student_weight, "main_grad", None) is None:
+    frozen = not student_weight.requires_grad  # e.g. under LoRA: no weight gradient at all
+    if main_grad_scale is not None and not frozen and getattr(student_weight, "main_grad", None) is None:
         raise ValueError("main_grad_scale needs student_weight.main_grad (a parameter of a Megatron "
                          "DistributedDataParallel module); pass main_grad_scale=None otherwise")
     precompute = torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad)

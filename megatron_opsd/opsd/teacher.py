@@ -10,7 +10,8 @@ needs only one parameter-sized temporary at a time.
 
 Memory cost per parameter of this rank's shard (on the device, or on the CPU with ``offload``):
 - live: 0.
-- fixed: one copy in the model's dtype (2 bytes in bf16, 4 in fp32).
+- fixed: one copy in the model's dtype (2 bytes in bf16, 4 in fp32); with LoRA 0: the base with
+  the adapters off (``base``). With LoRA every mode's set covers the adapters only.
 - ema: as fixed, plus an fp32 accumulator when the model is not fp32 (EMA updates of
   ``1 - decay`` = 1e-3 are below bf16 resolution and would stall); 6 bytes in bf16, 4 in fp32.
 With ``offload`` the set sits in pinned host memory (when CUDA is present) and is copied over
@@ -18,8 +19,8 @@ PCIe twice per teacher pass; the teacher output-layer shard is brought to the de
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Literal
 
 import torch
@@ -39,15 +40,19 @@ class TeacherConfig(Section):
 
 
 class Teacher:
-    """Holds the teacher weights for ``params`` (the model chunks' parameters, in order)."""
+    """Holds the teacher weights for ``params`` (the parameters being trained, in order; the others
+    are the teacher's as they are). ``base``: a context in which the model computes its initial
+    weights without any copy (LoRA: the adapters off), which a fixed teacher then is."""
 
-    def __init__(self, cfg: TeacherConfig, params: Sequence[torch.nn.Parameter]):
+    def __init__(self, cfg: TeacherConfig, params: Sequence[torch.nn.Parameter],
+                 base: Callable[[], AbstractContextManager] | None = None):
         self.cfg = cfg
         self.params = list(params)
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self.weights: list[torch.Tensor] | None = None
         self.master: list[torch.Tensor] | None = None
-        if cfg.mode == "live":
+        self._base = base if cfg.mode == "fixed" else None
+        if cfg.mode == "live" or self._base is not None:
             return
         self.weights = [self._store(p) for p in self.params]
         if cfg.mode == "ema" and any(p.dtype != torch.float32 for p in self.params):
@@ -68,7 +73,11 @@ class Teacher:
 
     @contextmanager
     def weights_in_model(self) -> Iterator[None]:
-        """Within the block the model's parameters hold the teacher's weights."""
+        """Within the block the model computes with the teacher's weights."""
+        if self._base is not None:
+            with self._base():
+                yield
+            return
         if self.weights is None:
             yield
             return
@@ -80,9 +89,10 @@ class Teacher:
 
     def weight_of(self, param: torch.Tensor) -> torch.Tensor:
         """The teacher's version of ``param`` on param's device, detached (e.g. the output layer)."""
-        if self.weights is None:
+        index = self._index.get(id(param))
+        if self.weights is None or index is None:
             return param.detach()
-        return self.weights[self._index[id(param)]].to(param.device, non_blocking=True)
+        return self.weights[index].to(param.device, non_blocking=True)
 
     @torch.no_grad()
     def update(self) -> None:

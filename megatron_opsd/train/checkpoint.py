@@ -56,7 +56,15 @@ from megatron_opsd.fileio import (
     partial_dir,
     verify_manifest,
 )
-from megatron_opsd.models.checkpoint import HF_SUBDIR, ShardedStateful, Stateful, load_failure, save_sharded
+from megatron_opsd.models.checkpoint import (
+    HF_SUBDIR,
+    ShardedStateful,
+    Stateful,
+    load_failure,
+    save_sharded,
+    write_lora_manifest,
+)
+from megatron_opsd.models.lora import LoraConfig, has_adapters, is_adapter_param
 from megatron_opsd.section import Section
 
 log = logging.getLogger(__name__)
@@ -95,17 +103,24 @@ def _layout() -> dict[str, int]:
 
 
 class ModelState:
-    """The model chunks' parameters."""
+    """The model chunks' parameters; with LoRA the adapters' only: the frozen base comes from
+    ``model.hf`` (or the seed) as when the run started, the checkpoint's config names it."""
 
     def __init__(self, chunks: Sequence[torch.nn.Module]):
         self.chunks = chunks
+        self.adapters_only = has_adapters([unwrap_model(c) for c in chunks])
 
     def sharded_state_dict(self, is_loading: bool = False) -> dict[str, Any]:
-        return {f"model{i}": unwrap_model(chunk).sharded_state_dict() for i, chunk in enumerate(self.chunks)}
+        return {f"model{i}": {k: v for k, v in unwrap_model(chunk).sharded_state_dict().items()
+                              if not self.adapters_only or is_adapter_param(k)}
+                for i, chunk in enumerate(self.chunks)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for i, chunk in enumerate(self.chunks):
-            unwrap_model(chunk).load_state_dict(state[f"model{i}"])
+            missing, unexpected = unwrap_model(chunk).load_state_dict(state[f"model{i}"], strict=False)
+            missing = [k for k in missing if not self.adapters_only or is_adapter_param(k)]
+            if missing or unexpected:
+                raise CheckpointError(f"model{i}: the checkpoint lacks {missing[:3]} and has unknown {unexpected[:3]}")
 
 
 class OptimizerState:
@@ -176,10 +191,14 @@ def save_checkpoint(
     tree[_META] = {"format": FORMAT, "step": step, "layout": _layout(), "parts": sorted(states),
                    "config": dict(config or {})}
 
+    lora = (config or {}).get("model", {}).get("lora")
+
     def hf_files(directory: Path) -> None:
         if write_hf_files is not None:
             (directory / HF_SUBDIR).mkdir()
             write_hf_files(directory / HF_SUBDIR)
+        if lora is not None:  # the model part holds the adapters only (ModelState)
+            write_lora_manifest(directory, LoraConfig.model_validate(lora), config["model"].get("hf"))
 
     with atomic_output_dir(root / name, overwrite=True) as tmp:
         save_sharded(tree, tmp, hf_files)

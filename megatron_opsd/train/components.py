@@ -32,7 +32,8 @@ from megatron_opsd.models import build_model
 from megatron_opsd.models import checkpoint as model_checkpoint
 from megatron_opsd.models.bridge import load_hf_weights
 from megatron_opsd.models.checkpoint import ShardedStateful, Stateful
-from megatron_opsd.parallel import Layout, initialize
+from megatron_opsd.models.lora import add_adapters, has_adapters
+from megatron_opsd.parallel import Layout, initialize, on_rank0
 from megatron_opsd.rollout.engine import RolloutEngine
 from megatron_opsd.rollout.factory import build_engine
 from megatron_opsd.rollout.sync.base import ProbeCheck, WeightSync
@@ -116,6 +117,8 @@ def build_components(cfg: TrainConfig) -> Components:
         load_hf_weights(chunks, cfg.model.hf)
     if start is not None and not resume:  # a warm start: the weights, before the teacher copies them
         model_checkpoint.load(chunks, start)
+    if cfg.model.lora is not None and not has_adapters(chunks):  # a warm start from adapters brought them
+        add_adapters(chunks, cfg.model.lora, cfg.seed)
     chunks = wrap_for_training(chunks, chunks[0].config, use_distributed_optimizer(cfg.optim))
     optimizer, scheduler = build_optimizer(cfg.optim, chunks, cfg.steps)
     logprob_temperature = cfg.rollout.temperature or 1.0  # an engine reports T=1 log-probs for greedy
@@ -127,8 +130,8 @@ def build_components(cfg: TrainConfig) -> Components:
     run_dir = Path(cfg.run_dir)
     write_files = functools.partial(write_hf_files, hf_config=hf_config, dtype=cfg.model.dtype, tokenizer=tokenizer)
     engine = None
-    if needs_engine and dist.get_rank() == 0:
-        engine = build_engine(cfg.rollout.engine, hf_config, run_dir / "rollout", write_files)
+    if needs_engine:  # on rank 0; a fleet that fails to start fails every rank
+        engine = on_rank0(lambda: build_engine(cfg.rollout.engine, hf_config, run_dir / "rollout", write_files))
     weight_sync = None
     if needs_engine:
         probe = ProbeCheck(chunks, _probe_ids(cfg, prompts, problems.problems[0], sampling.stop_token_ids),

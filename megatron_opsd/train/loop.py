@@ -42,6 +42,7 @@ from megatron_opsd.data.packing import MicroBatch
 from megatron_opsd.data.sample import Sample
 from megatron_opsd.eval.evaluate import evaluate, write_report
 from megatron_opsd.models.bridge import write_hf_model
+from megatron_opsd.models.peft_format import write_peft_adapters
 from megatron_opsd.parallel import broadcast_from_rank0
 from megatron_opsd.platform import current_device
 from megatron_opsd.processes import RunStopped, StopRequests, end_children_with_this_process
@@ -129,8 +130,12 @@ class Trainer:
                         write_hf_files=self.c.write_hf_files, config=self.cfg.model_dump(mode="json"))
 
     def export_hf(self) -> Path:
-        """The current weights as a Hugging Face directory ``run_dir/hf`` (config, safetensors, tokenizer)."""
+        """The current weights as a Hugging Face directory ``run_dir/hf`` (config, safetensors,
+        tokenizer; with LoRA the merged weights, and the adapters alone in PEFT's format in
+        ``run_dir/adapter``)."""
         chunks = [unwrap_model(chunk) for chunk in self.c.chunks]
+        if self.cfg.model.lora is not None:
+            write_peft_adapters(chunks, self.run_dir / "adapter", self.cfg.model.lora, base_model=self.cfg.model.hf)
         return write_hf_model(chunks, self.run_dir / "hf", self.c.write_hf_files, overwrite=True)
 
     def step_batches(self, step: int) -> tuple[list[MicroBatch], dict[str, float]]:

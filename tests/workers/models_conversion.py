@@ -3,7 +3,6 @@ streaming export, packed sequences, and dist-checkpoint resharding. Run by tests
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from megatron_opsd.models.bridge import load_hf_weights, model_hf_tensors, stage
 from megatron_opsd.models.forward import forward_only
 from megatron_opsd.models.hf_io import copy_non_weight_files
 from megatron_opsd.parallel import Layout, initialize
-from tests.distributed import run_checks
+from tests.distributed import run_checks, workdir_arg
 from tests.tiny_models import CONFIGS, save_tiny_model
 
 TOL = 1e-4
@@ -32,9 +31,7 @@ def hf_dir(name: str) -> Path:
 
 def setup() -> None:
     global WORK
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--workdir", required=True)
-    WORK = Path(parser.parse_known_args()[0].workdir)
+    WORK = workdir_arg()
     if dist.get_rank() == 0:
         for name in CONFIGS:
             save_tiny_model(name, hf_dir(name))

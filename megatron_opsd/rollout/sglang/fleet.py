@@ -222,7 +222,7 @@ def server_command(cfg: SGLangEngineConfig, model_path: str, host: str, port: in
     if load_format:
         command += ["--load-format", load_format]
     if api_key:
-        command += ["--api-key", api_key]
+        command.append(f"--api-key={api_key}")  # one word: a key may begin with "-"
     return command
 
 
@@ -236,7 +236,7 @@ def router_command(cfg: SGLangEngineConfig, host: str, port: int, metrics_port: 
                "--health-check-interval-secs", "5", "--disable-circuit-breaker", "--log-level", "warn",
                *cfg.router.args]
     if api_key:
-        command += ["--api-key", api_key]
+        command.append(f"--api-key={api_key}")  # one word: a key may begin with "-"
     return command
 
 

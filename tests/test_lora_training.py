@@ -104,3 +104,25 @@ def test_a_lora_checkpoint_holds_the_adapters_only_and_a_killed_run_resumes_exac
 def _tensor_bytes(checkpoint: Path) -> int:
     """Bytes of a dist checkpoint's tensor files."""
     return sum(p.stat().st_size for p in checkpoint.glob("*.distcp"))
+
+
+def test_adapters_start_from_a_peft_directory_and_an_ema_teacher_averages_the_adapters_only(tmp_path, hf_dir):
+    assert main(["train", str(lora_run(tmp_path / "first", hf_dir, steps=1, export_hf=True))]) == 0
+    adapter_dir = tmp_path / "first" / "run" / "adapter"
+    saved = load_file(adapter_dir / "adapter_model.safetensors")
+    seen = {}
+
+    def build(cfg):
+        components = build_components(cfg)
+        seen["adapters"] = {n: p.detach().clone() for c in components.chunks
+                            for n, p in unwrap_model(c).named_parameters() if p.requires_grad}
+        seen["teacher"] = components.algorithm.teacher
+        return components
+
+    model = {"hf": str(hf_dir), "lora": {**LORA, "init_from": str(adapter_dir)}}
+    cfg = load_train(lora_run(tmp_path / "second", hf_dir, steps=1, model=model), "algorithm.opsd.teacher.mode=ema")
+    train(cfg, build)
+    b0 = next(v for k, v in seen["adapters"].items() if k.endswith("layers.0.self_attention.lora_qkv.q_B"))
+    assert torch.equal(b0, saved["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"])
+    teacher = seen["teacher"]
+    assert len(teacher.weights) == len(seen["adapters"])  # a copy of each adapter, none of the base

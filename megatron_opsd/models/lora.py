@@ -31,7 +31,11 @@ from typing import Literal
 
 import torch
 from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    get_cuda_rng_tracker,
+    reduce_from_tensor_model_parallel_region,
+)
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from pydantic import Field
@@ -52,6 +56,8 @@ class LoraConfig(Section):
     dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on each adapter's input (training only)")
     targets: list[Projection] = Field(default_factory=lambda: list(PROJECTIONS),
                                       description="HF projections that get an adapter")
+    init_from: str | None = Field(default=None, description="start the adapters from this PEFT adapter directory "
+                                  "(adapter_config.json + adapter_model.safetensors); None: A random, B zero")
 
     @property
     def scale(self) -> float:
@@ -83,8 +89,14 @@ class LinearAdapters(nn.Module):
         return getattr(self, f"{name}_A"), getattr(self, f"{name}_B")
 
     def forward(self, x: Tensor) -> Tensor:
-        """The delta of the linear's (local) output for its input ``x``."""
-        x = self.dropout(x)
+        """The delta of the linear's (local) output for its input ``x``. Dropout masks follow the
+        input: the same on every TP rank for a replicated input (column), each rank's own (the
+        tensor-parallel RNG) for a row adapter's shard of it."""
+        if self.kind == "row" and isinstance(self.dropout, nn.Dropout):
+            with get_cuda_rng_tracker().fork():
+                x = self.dropout(x)
+        else:
+            x = self.dropout(x)
         if self.kind == "row":
             a, b = self.pair(self.targets[0])
             return (reduce_from_tensor_model_parallel_region(x @ a.t()) @ b.t()) * self.scale
@@ -133,6 +145,9 @@ def add_adapters(chunks: Sequence[nn.Module], cfg: LoraConfig, seed: int) -> Non
     """Freeze every parameter of ``chunks`` and give each targeted projection an adapter."""
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     for chunk in chunks:
+        if chunk.config.sequence_parallel:
+            raise NotImplementedError("LoRA adapters with sequence parallelism (their inputs and outputs are "
+                                      "sequence shards there): train with sequence_parallel off")
         for p in chunk.parameters():
             p.requires_grad_(False)
         arch = chunk.arch

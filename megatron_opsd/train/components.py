@@ -33,6 +33,7 @@ from megatron_opsd.models import checkpoint as model_checkpoint
 from megatron_opsd.models.bridge import load_hf_weights
 from megatron_opsd.models.checkpoint import ShardedStateful, Stateful
 from megatron_opsd.models.lora import add_adapters, has_adapters
+from megatron_opsd.models.peft_format import load_peft_adapters
 from megatron_opsd.parallel import Layout, initialize, on_rank0
 from megatron_opsd.rollout.engine import RolloutEngine
 from megatron_opsd.rollout.factory import build_engine
@@ -116,9 +117,14 @@ def build_components(cfg: TrainConfig) -> Components:
     if cfg.model.hf is not None:
         load_hf_weights(chunks, cfg.model.hf)
     if start is not None and not resume:  # a warm start: the weights, before the teacher copies them
+        if cfg.model.lora is None and model_checkpoint.read_lora_manifest(start) is not None:
+            raise ConfigError(f"checkpoint.load={start} holds LoRA adapters; this run trains every weight: merge them "
+                              f"first (opsd convert megatron-to-hf) and start from that model.hf, or set model.lora")
         model_checkpoint.load(chunks, start)
     if cfg.model.lora is not None and not has_adapters(chunks):  # a warm start from adapters brought them
         add_adapters(chunks, cfg.model.lora, cfg.seed)
+        if cfg.model.lora.init_from is not None:
+            load_peft_adapters(chunks, cfg.model.lora.init_from, cfg.model.lora)
     chunks = wrap_for_training(chunks, chunks[0].config, use_distributed_optimizer(cfg.optim))
     optimizer, scheduler = build_optimizer(cfg.optim, chunks, cfg.steps)
     logprob_temperature = cfg.rollout.temperature or 1.0  # an engine reports T=1 log-probs for greedy

@@ -151,7 +151,8 @@ RESUMABLE = ("run_dir", "steps", "parallel", "checkpoint", "eval", "tracking", "
              # where the fleet runs and how it is reached: a requeued or resubmitted job gets new nodes and ports
              "rollout.engine.urls", "rollout.engine.host", "rollout.engine.router.url", "rollout.engine.router.port",
              "rollout.engine.router.metrics_port", "rollout.engine.servers.base_port", "rollout.engine.timeouts",
-             "rollout.engine.concurrency", "rollout.sync.dir", "rollout.sync.address", "rollout.sync.port")
+             "rollout.engine.concurrency", "rollout.sync.dir", "rollout.sync.address", "rollout.sync.port",
+             "model.lora.init_from")
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

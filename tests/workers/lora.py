@@ -92,11 +92,8 @@ def check_forward_and_gradients(layout: Layout) -> None:
     if ps.is_pipeline_last_stage():
         diff = (logits[0][..., :1000] - ref_logits.detach()).abs().max().item()
         assert diff < TOL, f"{layout}: logits differ from PEFT's by {diff:.2e}"
-    if layout.pp > 1:
-        return  # gradients through the pipeline schedule: the trainer's tests
     (model,) = chunks
-    out = model(ids["input_ids"], ids["position_ids"], ids["attention_mask"], gather_logits=True)
-    (out[..., :1000] * probe).sum().backward()
+    backward_through_stages(model, ids, probe)
     ref_grads = {n.removeprefix("base_model.model."): m for n, m in reference.named_modules() if hasattr(m, "lora_A")}
     for layer in model.decoder.layers:
         prefix = f"model.layers.{layer.layer_number - 1}."
@@ -111,6 +108,28 @@ def check_forward_and_gradients(layout: Layout) -> None:
                         f"of its largest entry {ref_grad.abs().max().item():.3g}"
     frozen = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
     assert not frozen, f"base parameters train: {frozen[:3]}"
+
+
+def backward_through_stages(model: torch.nn.Module, ids: dict, probe: torch.Tensor) -> None:
+    """Backward of sum(logits * probe) through this rank's stage; with PP=2 the activations go from
+    stage 0 to stage 1 and their gradient back, point to point."""
+    args = (ids["input_ids"], ids["position_ids"], ids["attention_mask"])
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        (model(*args, gather_logits=True)[..., :1000] * probe).sum().backward()
+        return
+    if ps.is_pipeline_first_stage():
+        activations = model(*args)
+        dist.send(activations.detach(), dst=1)
+        grad = torch.empty_like(activations)
+        dist.recv(grad, src=1)
+        activations.backward(grad)
+    else:
+        received = torch.empty(args[0].shape[1], args[0].shape[0], model.config.hidden_size)
+        dist.recv(received, src=0)
+        received.requires_grad_()
+        model.set_input_tensor(received)
+        (model(*args, gather_logits=True)[..., :1000] * probe).sum().backward()
+        dist.send(received.grad, dst=0)
 
 
 def check_merged_export_and_base(layout: Layout) -> None:
@@ -163,14 +182,39 @@ def check_peft_export_reloads_in_peft(layout: Layout) -> None:
         assert diff < TOL, f"{layout}: PEFT's reload of the exported adapters differs by {diff:.2e}"
 
 
+def check_dropout_tp2() -> None:
+    """With dropout, training-mode outputs differ from eval mode and backward runs at TP=2; eval
+    mode is the no-dropout model."""
+    ids = batch()
+    initialize(Layout(2, 1))
+    chunks = build_model(WORK / "hf")
+    load_hf_weights(chunks, WORK / "hf")
+    add_adapters(chunks, CFG.model_copy(update={"dropout": 0.5}), seed=1)
+    (model,) = chunks
+    with torch.no_grad():
+        for adapters in adapters_of(chunks):
+            for proj in adapters.targets:
+                adapters.pair(proj)[1].fill_(0.05)
+    args = (ids["input_ids"], ids["position_ids"], ids["attention_mask"])
+    model.eval()
+    with torch.no_grad():
+        plain = model(*args, gather_logits=True)
+    model.train()
+    noisy = model(*args, gather_logits=True)
+    noisy.sum().backward()
+    assert not torch.allclose(noisy, plain), "dropout changed nothing in training mode"
+    assert all(p.grad is not None for a in adapters_of(chunks) for p in a.parameters())
+
+
 CHECKS = {
     "forward_and_gradients_tp1": lambda: check_forward_and_gradients(Layout(1, 1)),
     "forward_and_gradients_tp2": lambda: check_forward_and_gradients(Layout(2, 1)),
-    "forward_pp2": lambda: check_forward_and_gradients(Layout(1, 2)),
+    "forward_and_gradients_pp2": lambda: check_forward_and_gradients(Layout(1, 2)),
     "merged_export_and_base_tp1": lambda: check_merged_export_and_base(Layout(1, 1)),
     "merged_export_and_base_tp2": lambda: check_merged_export_and_base(Layout(2, 1)),
     "merged_export_and_base_pp2": lambda: check_merged_export_and_base(Layout(1, 2)),
     "adapters_reshard": check_adapters_reshard,
+    "dropout_tp2": check_dropout_tp2,
     "peft_export_tp2": lambda: check_peft_export_reloads_in_peft(Layout(2, 1)),
     "peft_export_tp1": lambda: check_peft_export_reloads_in_peft(Layout(1, 1)),
 }

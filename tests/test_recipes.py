@@ -1,4 +1,4 @@
-"""The recipes in examples/ (Qwen3 1.7B/4B/8B paper, Llama-3-70B) through their shrunken twins at
+"""The recipes in examples/ (Qwen3 1.7B/4B/8B paper, Llama-3-70B, the GRPO baseline) through their shrunken twins at
 TP=2 (two ranks, one launch): a few steps of each recipe's settings, and each architecture's
 conversion round trip."""
 

@@ -1,7 +1,7 @@
 """The ``algorithm`` config section and the one place algorithms are built from it.
 
 ``algorithm.name`` picks the algorithm; each has its own subsection (``algorithm.opsd``,
-``algorithm.sft``), so one config file can hold the settings of every algorithm and a run can
+``algorithm.sft``, ``algorithm.grpo``), so one config file can hold the settings of every algorithm and a run can
 switch with ``algorithm.name=sft`` on the command line.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from pydantic import Field
 
 from megatron_opsd.algorithms.base import Algorithm
+from megatron_opsd.algorithms.grpo import GRPO, GRPOConfig
 from megatron_opsd.algorithms.opsd import OPSD, OPSDConfig
 from megatron_opsd.algorithms.sft import SFT, SFTConfig
 from megatron_opsd.data.prompts import PromptBuilder
@@ -20,10 +21,12 @@ from megatron_opsd.section import Section
 
 
 class AlgorithmConfig(Section):
-    name: Literal["opsd", "sft"] = Field(
-        default="opsd", description="opsd: on-policy self-distillation; sft: cross-entropy on reference solutions")
+    name: Literal["opsd", "sft", "grpo"] = Field(
+        default="opsd", description="opsd: on-policy self-distillation; sft: cross-entropy on reference solutions; "
+        "grpo: group-normalized policy gradient on graded rollouts")
     opsd: OPSDConfig = Field(description="settings of algorithm opsd")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="settings of algorithm sft")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="settings of algorithm grpo")
 
 
 def build_algorithm(cfg: AlgorithmConfig, chunks: Sequence[torch.nn.Module], prompts: PromptBuilder,
@@ -34,4 +37,6 @@ def build_algorithm(cfg: AlgorithmConfig, chunks: Sequence[torch.nn.Module], pro
     reports its log-probs at."""
     if cfg.name == "opsd":
         return OPSD(cfg.opsd, chunks, prompts, logprob_temperature)
+    if cfg.name == "grpo":
+        return GRPO(cfg.grpo, prompts, vocab_size, logprob_temperature)
     return SFT(cfg.sft, prompts, end_ids, vocab_size)

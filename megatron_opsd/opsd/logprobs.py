@@ -13,7 +13,7 @@ import math
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
 from torch.utils.checkpoint import checkpoint
 
 
@@ -23,7 +23,8 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
     ``weight`` is this TP rank's output-layer shard ``[V_local, H]`` (rows ``rank * V_local ...``);
     rows at global index ``>= vocab_size`` are padding. ``targets`` are global token ids ``[N]``.
-    Collective over Megatron's tensor-parallel group.
+    Collective over Megatron's tensor-parallel group. Pass the plain replicated hidden states: their
+    gradient comes back full (summed over the TP ranks' vocabulary shards).
     """
     rank = parallel_state.get_tensor_model_parallel_rank()
     valid = max(0, min(weight.shape[0], vocab_size - rank * weight.shape[0]))
@@ -35,6 +36,10 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         return -vocab_parallel_cross_entropy(logits, t)
 
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if grad and parallel_state.get_tensor_model_parallel_world_size() > 1:
+        # Each rank's logits see only its vocabulary shard: the hidden states' gradient is the sum
+        # of every rank's part (ColumnParallelLinear's input does the same).
+        hidden = copy_to_tensor_model_parallel_region(hidden)
     parts = []
     for s in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[s:s + chunk_size], targets[s:s + chunk_size]

@@ -197,8 +197,41 @@ def _check_main_grad_ddp() -> None:
     assert not failures, "\n".join(failures)
 
 
+def _check_grpo_policy_loss() -> None:
+    """GRPO's clipped policy-gradient loss on a vocab-parallel output layer equals the dense float64
+    one: per-token losses, the hidden gradient and each rank's weight-shard gradient."""
+    from megatron_opsd.algorithms.grpo import GRPOConfig, policy_loss
+
+    tp, rank = dist.get_world_size(), dist.get_rank()
+    g = torch.Generator().manual_seed(11)
+    n, h, vocab, rows = 17, 8, 27, 16
+    hidden, weight = torch.randn(n, h, generator=g, dtype=torch.float64), torch.randn(tp * rows, h, generator=g,
+                                                                                       dtype=torch.float64)
+    weight[vocab:] = 0
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    advantage, token_weight = torch.randn(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g) + 0.5
+    logp_ref = torch.log_softmax((hidden @ weight.T)[:, :vocab] / 0.9, -1).gather(1, targets[:, None])[:, 0]
+    old = logp_ref + 0.4 * torch.randn(n, generator=g, dtype=torch.float64)
+    cfg = GRPOConfig(clip_eps=0.1, chunk_size=4)
+    shard = weight[rank * rows:(rank + 1) * rows].float().requires_grad_()
+    ours_h = hidden.float().requires_grad_()
+    per_token, _, _ = policy_loss(ours_h, shard, targets, advantage.float(), token_weight.float(), old.float(), cfg,
+                                  vocab_size=vocab, temperature=0.9)
+    per_token.sum().backward()
+    ref_h, ref_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp = torch.log_softmax((ref_h @ ref_w.T)[:, :vocab] / 0.9, -1).gather(1, targets[:, None])[:, 0]
+    ratio = torch.exp(logp - old)
+    ref = -torch.minimum(ratio * advantage, ratio.clamp(0.9, 1.1) * advantage) * token_weight
+    ref.sum().backward()
+    for what, got, want in (("per-token loss", per_token.detach(), ref.detach()),
+                            ("hidden grad", ours_h.grad, ref_h.grad),
+                            ("weight shard grad", shard.grad, ref_w.grad[rank * rows:(rank + 1) * rows])):
+        err = relative_error(got, want)
+        assert err < TOLERANCE[torch.float32], f"GRPO {what}: relative error {err:.2e}"
+
+
 CHECKS = {"all_variants": _check_all_variants, "all_padding_shard": _check_all_padding_shard,
-          "main_grad_ddp": _check_main_grad_ddp}
+          "main_grad_ddp": _check_main_grad_ddp, "grpo_policy_loss": _check_grpo_policy_loss}
 
 if __name__ == "__main__":
     from tests.distributed import run_checks

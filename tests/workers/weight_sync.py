@@ -1,7 +1,7 @@
 """Weight sync into a fleet of two ``opsd serve`` stand-ins behind the real router, from a trainer
 on two ranks (TP=2, PP=2): disk and distributed (gloo) deliver the trainer's tensors exactly; a
 server that fails mid-bucket is poisoned, restarted from disk and serves the version; a wrong name
-mapping is caught by the probe check.
+mapping is caught by the probe check; with LoRA adapters the servers get the merged weights.
 
 Each check builds the run's components with the product's factory (``rollout.engine.kind:
 sglang``), pushes one version, and reads every server's weights back with ``/get_weights_by_name``.
@@ -71,6 +71,20 @@ def check_distributed_tp2():
 
 def check_distributed_pp2():
     metrics = _push_and_compare("distributed_pp2", "distributed", "parallel.pp=2")
+    assert metrics["weight_sync/servers_restarted"] == 0, metrics
+
+
+LORA = "model.lora={r: 4, alpha: 8}"
+
+
+def check_distributed_tp2_lora():
+    """With LoRA adapters (non-zero after the nudge) every server holds the merged weights."""
+    metrics = _push_and_compare("distributed_tp2_lora", "distributed", "parallel.tp=2", LORA)
+    assert metrics["weight_sync/servers_restarted"] == 0, metrics
+
+
+def check_disk_pp2_lora():
+    metrics = _push_and_compare("disk_pp2_lora", "disk", "parallel.pp=2", LORA)
     assert metrics["weight_sync/servers_restarted"] == 0, metrics
 
 

@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "megatron_opsd.convert",  # opsd convert
     "megatron_opsd.train.cli",  # opsd train
     "megatron_opsd.demo",  # opsd demo
+    "megatron_opsd.compare",  # opsd compare
     "megatron_opsd.rollout.sglang.serve",  # opsd serve (the CPU stand-in for an SGLang server)
     "megatron_opsd.launch",  # opsd launch (SLURM jobs: slurm/*.sh)
 )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,26 +39,58 @@ def register(commands: argparse._SubParsersAction) -> None:
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path, help="OPSD training config with eval.data (see opsd train --help)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the config, e.g. steps=30")
-    p.add_argument("--warmup-steps", type=int, default=600, help="SFT warm-up steps (default %(default)s)")
-    p.add_argument("--warmup-lr", type=float, default=3e-3,
-                   help="SFT warm-up peak learning rate, decayed to a tenth along a cosine (default %(default)s)")
-    p.add_argument("--warmup-prompts-per-step", type=int, default=32,
-                   help="problems per SFT warm-up step (default %(default)s)")
-    p.add_argument("--warmup-teacher-fraction", type=float, default=0.5,
-                   help="share of warm-up examples with the teacher prompt (default %(default)s)")
+    register_warmup_options(p)
     p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, PackingError, ProbeMismatchError,
                                          CheckpointError))
 
 
-def _phase(base: Any, root: Path, name: str, **update: Any) -> Any:
+def phase(base: Any, root: Path, name: str, **update: Any) -> Any:
     """``base`` with its own run directory (its checkpoints under it) ``root/name``, plus ``update``."""
     checkpoint = base.checkpoint.model_copy(update={"dir": None, "load": None})
     return base.model_copy(update={"run_dir": str(root / name), "checkpoint": checkpoint, **update})
 
 
-def _algorithm(base: Any, name: str, sft: Any) -> Any:
-    """``base``'s algorithm section with algorithm ``name`` and SFT settings ``sft``."""
-    return base.algorithm.model_copy(update={"name": name, "sft": sft})
+def with_algorithm(base: Any, name: str, sft: Any = None, **update: Any) -> Any:
+    """``base``'s algorithm section with algorithm ``name``, SFT settings ``sft`` (default: base's), plus ``update``."""
+    return base.algorithm.model_copy(update={"name": name, "sft": sft or base.algorithm.sft, **update})
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """The SFT warm-up every compared method starts from (see the module docstring, step 1)."""
+
+    steps: int = 600
+    lr: float = 3e-3
+    prompts_per_step: int = 32
+    teacher_prompt_fraction: float = 0.5
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> WarmUp:
+        return cls(args.warmup_steps, args.warmup_lr, args.warmup_prompts_per_step, args.warmup_teacher_fraction)
+
+    def run(self, base: Any, root: Path) -> Any:
+        """Train ``root/warmup`` from ``base``'s model on ``base``'s data (resuming it, or skipping it when
+        finished); the model config of its HF export."""
+        from megatron_opsd.models import ModelConfig
+        from megatron_opsd.train.loop import train
+
+        optim = base.optim.model_copy(update={
+            "lr": self.lr, "min_lr": self.lr / 10, "schedule": "cosine", "warmup_steps": self.steps // 20})
+        sft = base.algorithm.sft.model_copy(update={"teacher_prompt_fraction": self.teacher_prompt_fraction})
+        train(phase(base, root, "warmup", algorithm=with_algorithm(base, "sft", sft), steps=self.steps, export_hf=True,
+                    prompts_per_step=self.prompts_per_step, optim=optim, eval=base.eval.model_copy(update={"data": None})))
+        return ModelConfig(hf=str(root / "warmup" / "hf"), dtype=base.model.dtype)
+
+
+def register_warmup_options(p: argparse.ArgumentParser) -> None:
+    default = WarmUp()
+    p.add_argument("--warmup-steps", type=int, default=default.steps, help="SFT warm-up steps (default %(default)s)")
+    p.add_argument("--warmup-lr", type=float, default=default.lr,
+                   help="SFT warm-up peak learning rate, decayed to a tenth along a cosine (default %(default)s)")
+    p.add_argument("--warmup-prompts-per-step", type=int, default=default.prompts_per_step,
+                   help="problems per SFT warm-up step (default %(default)s)")
+    p.add_argument("--warmup-teacher-fraction", type=float, default=default.teacher_prompt_fraction,
+                   help="share of warm-up examples with the teacher prompt (default %(default)s)")
 
 
 def _claim(root: Path, settings: dict[str, Any]) -> bool:
@@ -90,7 +123,6 @@ def _final(run_dir: Path, metric: str, step: int) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from megatron_opsd.eval.evaluate import write_report
-    from megatron_opsd.models import ModelConfig
     from megatron_opsd.train.cli import quiet_megatron
     from megatron_opsd.train.config import TrainConfig
     from megatron_opsd.train.loop import train
@@ -101,25 +133,17 @@ def run(args: argparse.Namespace) -> int:
     if base.eval.data is None:
         raise ConfigError(f"{args.config}: the demo needs held-out problems in eval.data")
     root = Path(base.run_dir)
-    warmup_args = {"steps": args.warmup_steps, "lr": args.warmup_lr, "prompts_per_step": args.warmup_prompts_per_step,
-                   "teacher_prompt_fraction": args.warmup_teacher_fraction}
+    warm_up = WarmUp.from_args(args)
+    warmup_args = asdict(warm_up)
     resumed = _claim(root, {"config": base.model_dump(mode="json"), "warmup": warmup_args})
     if resumed:
         print(f"demo: resuming the demo in {root}")
     metric = f"avg@{base.eval.k}"
 
-    warmup_optim = base.optim.model_copy(update={
-        "lr": args.warmup_lr, "min_lr": args.warmup_lr / 10, "schedule": "cosine",
-        "warmup_steps": args.warmup_steps // 20})
-    warmup_sft = base.algorithm.sft.model_copy(update={"teacher_prompt_fraction": args.warmup_teacher_fraction})
-    warmup = _phase(base, root, "warmup", algorithm=_algorithm(base, "sft", warmup_sft), steps=args.warmup_steps,
-                    export_hf=True, prompts_per_step=args.warmup_prompts_per_step, optim=warmup_optim,
-                    eval=base.eval.model_copy(update={"data": None}))
-    train(warmup)
-    warm = ModelConfig(hf=str(root / "warmup" / "hf"), dtype=base.model.dtype)
+    warm = warm_up.run(base, root)
     at_start = base.eval.model_copy(update={"at_start": True})
-    train(_phase(base, root, "opsd", model=warm, eval=at_start))
-    train(_phase(base, root, "sft", algorithm=_algorithm(base, "sft", base.algorithm.sft), model=warm))
+    train(phase(base, root, "opsd", model=warm, eval=at_start))
+    train(phase(base, root, "sft", algorithm=with_algorithm(base, "sft"), model=warm))
 
     summary = {
         "metric": metric,

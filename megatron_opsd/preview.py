@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     cfg = load_preview_config(args.config, args.overrides)
+    if cfg.data.fields.solution is None:
+        raise ConfigError("opsd data preview renders teacher prompts with the reference solutions, and "
+                          "data.fields.solution is null")
     tokenizer = load_tokenizer(cfg.tokenizer)
     builder = PromptBuilder(tokenizer, cfg.prompts)
     problems = builder.fitting(load_problems(cfg.data), cfg.data.on_invalid_row)  # as training loads them

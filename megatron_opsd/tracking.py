@@ -41,6 +41,7 @@ from megatron_opsd.section import Section
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"  # the resolved config of the run, written by the trainer (what `opsd compare` reads)
 PLOT_FILE = "metrics.png"
 WANDB_ID_FILE = "wandb_run_id"
 

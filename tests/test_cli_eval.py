@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
 from megatron_opsd.cli import main
-from megatron_opsd.config import config_keys
+from megatron_opsd.config import config_keys, load_config
 from megatron_opsd.eval.cli import EvalRunConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,3 +100,37 @@ def test_help_documents_every_config_key(capsys):
     assert len(keys) > 30 and "eval.max_new_tokens" in keys and "data.fields.solution" in keys
     assert [k for k in keys if f"\n  {k} (" not in text] == []
     assert "  data.source ('local' | 'hub', default 'local')" in text
+
+
+EVAL_CONFIGS = sorted((REPO / "examples" / "eval").glob("*.yaml"))
+
+
+def test_the_paper_protocol_configs():
+    assert {p.stem for p in EVAL_CONFIGS} == {"aime24", "aime25", "hmmt25", "math500"}
+    for path in EVAL_CONFIGS:
+        cfg = load_config(EvalRunConfig, path, [])
+        assert cfg.data.source == "hub" and cfg.data.name and not cfg.data.shuffle, path
+        assert cfg.data.fields.solution is None and cfg.data.fields.answer == "answer", path  # graded by answers only
+        e = cfg.eval
+        assert (e.k, e.temperature, e.top_p, e.top_k, e.max_new_tokens) == (12, 1.0, 0.95, -1, 38912), path
+        assert e.pass_at_values() == [1, 2, 4, 8, 12]
+        assert cfg.prompts.template == "v3" and cfg.prompts.eval_thinking, path
+
+
+def test_a_protocol_config_on_a_local_copy_of_a_set_without_solutions(model_dir, tmp_path):
+    from datasets import Dataset
+
+    with open(TEST_DATA) as f:
+        arith = [json.loads(next(f)) for _ in range(3)]
+    local = tmp_path / "aime25.parquet"  # the hub set's columns: no solution
+    Dataset.from_list([{"problem_idx": i + 1, "problem": r["problem"], "answer": r["answer"]}
+                       for i, r in enumerate(arith)]).to_parquet(local)
+    out = tmp_path / "report.json"
+    assert main(["eval", str(model_dir), "--config", str(REPO / "examples" / "eval" / "aime25.yaml"), "--data",
+                 str(local), "--k", "2", "eval.max_new_tokens=8", "engine.dtype=float32", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["data"].startswith(str(local)) and report["num_problems"] == 3
+    assert set(report["metrics"]) == {"avg@2", "pass@1", "pass@2", "maj@2"}
+    assert (report["config"]["temperature"], report["config"]["top_p"], report["config"]["top_k"]) == (1.0, 0.95, -1)
+    assert [r["reference"] for r in report["problems"]] == [r["answer"] for r in arith]
+    assert 0 < report["mean_response_tokens"] <= 8

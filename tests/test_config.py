@@ -1,6 +1,7 @@
 """The config tree's reference and key walk: optional sections, containers and choices of sections, descriptions."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 import pytest
@@ -49,7 +50,7 @@ def test_training_reference_includes_the_optional_eval_data_section():
     text = config_reference(TrainConfig)
     assert "\n  eval.data (DataConfig | None, default None): held-out problems" in text
     assert "\n  eval.data.path (str | None, default None): local file" in text
-    assert "\n  eval.data.fields.solution (str, default 'solution'): " in text
+    assert "\n  eval.data.fields.solution (str | None, default 'solution'): " in text
 
 
 def test_every_training_key_has_a_description():
@@ -92,3 +93,13 @@ def test_errors_in_a_chosen_section_name_keys_without_the_tag():
         load_config(Chooser, None, ["engine.kind=fancy", "engine.paht=x"])
     assert "  engine.path: Field required" in str(error.value)
     assert "unknown key 'engine.paht' (did you mean 'engine.path'?)" in str(error.value)
+
+
+def test_training_on_reference_solutions_needs_the_solution_field():
+    from megatron_opsd.train.config import TrainConfig
+
+    tiny = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
+    for name in ("opsd", "sft"):
+        with pytest.raises(ConfigError, match=f"algorithm.name={name} trains on reference solutions"):
+            load_config(TrainConfig, tiny, [f"algorithm.name={name}", "data.fields.solution=null"])
+    assert load_config(TrainConfig, tiny, ["algorithm.name=grpo", "data.fields.solution=null"]).data.fields.solution is None

@@ -22,14 +22,26 @@ def _script():
     return module
 
 
-def _rows(split: str) -> list[dict]:
-    with open(DATA / "arith" / f"{split}.jsonl") as f:
+def _rows(split: str, task: str = "arith") -> list[dict]:
+    with open(DATA / task / f"{split}.jsonl") as f:
         return [json.loads(line) for line in f]
 
 
 def test_data_is_reproducible_from_the_script():
     train, test = _script().generate(seed=0, n_train=4000, n_test=500)
-    assert train == _rows("train") and test == _rows("test")
+    assert [r.to_json() for r in train] == _rows("train") and [r.to_json() for r in test] == _rows("test")
+    assert [r.to_terse_json() for r in train] == _rows("train", "arith_terse")
+    assert [r.to_terse_json() for r in test] == _rows("test", "arith_terse")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_terse_solutions_are_the_same_problems_with_one_correct_expression(split):
+    tok = AutoTokenizer.from_pretrained(DATA / "tokenizer")
+    for row, terse in zip(_rows(split), _rows(split, "arith_terse"), strict=True):
+        assert {**terse, "solution": row["solution"]} == row
+        (expression, answer), = re.findall(r"^([\d +*/-]+) = \\boxed\{(\d+)\}$", terse["solution"])
+        assert answer == row["answer"] and eval(expression) == int(answer)  # only digits and operators
+        assert tok.unk_token_id not in tok.encode(terse["solution"], add_special_tokens=False)
 
 
 def test_tokenizer_is_reproducible_from_the_script(tmp_path):

@@ -93,6 +93,12 @@ def test_answer_may_be_unmapped():
     assert p.answer is None
 
 
+def test_solution_may_be_unmapped_for_answer_only_sets():
+    problems = extract_problems([{"problem": "p", "answer": 3}], cfg(fields=FieldMap(solution=None)))
+    (p,) = problems.problems
+    assert (p.solution, p.answer) == (None, "3") and problems.fingerprint
+
+
 def test_config_needs_a_location():
     with pytest.raises(ValueError, match="needs data.path"):
         DataConfig()

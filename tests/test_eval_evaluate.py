@@ -164,3 +164,13 @@ def test_evaluate_with_the_embedded_engine(builder):
     assert report == again, "a seeded evaluation is reproducible"
     assert report["num_problems"] == 3 and report["weight_version"] == 0
     assert all(len(r["correct"]) == 2 and max(r["response_tokens"]) <= 6 for r in report["problems"])
+
+
+def test_unparseable_gold_answers_are_warned_about_once_per_problem_set(caplog):
+    from megatron_opsd.eval.evaluate import unparseable_references
+
+    problems = [Problem(0, "p", "s", "\\frac{"), Problem(1, "q", "s", "3"), Problem(7, "r", None, "@@")]
+    with caplog.at_level("WARNING", logger="megatron_opsd.eval.evaluate"):
+        assert unparseable_references(problems) == unparseable_references(list(problems)) == [0, 7]
+    assert [r.getMessage() for r in caplog.records].count(
+        "2 gold answer(s) math-verify cannot parse, graded by string comparison only: rows [0, 7]") == 1

@@ -12,7 +12,7 @@ from megatron_opsd.algorithms.grpo import GRPOConfig, group_advantages, policy_l
 from megatron_opsd.cli import main
 from megatron_opsd.parallel import Layout, initialize
 from megatron_opsd.tracking import read_metrics
-from tests.train_configs import losses, write_config
+from tests.train_configs import REPO, losses, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,7 +72,9 @@ def test_policy_loss_and_gradients_match_float64(tp1, old_kind):
 
 def grpo_run(tmp_path, hf_dir, steps: int):
     algorithm = {"name": "grpo", "grpo": {"n": 4}, "opsd": {"loss": {}}}
+    data = {"path": str(REPO / "data/arith/train.jsonl"), "fields": {"solution": None}}  # GRPO reads answers only
     return write_config(tmp_path, hf_dir, steps=steps, prompts_per_step=2, algorithm=algorithm, eval={"data": None},
+                        data=data,
                         checkpoint={"interval": 2, "keep_last": 2},
                         rollout={"max_new_tokens": 12, "stop_tokens": ["<|im_end|>"], "temperature": 1.0,
                                  "sync": {"probe_tolerance": 1e-3, "probe_tokens": 48}})
@@ -85,6 +87,7 @@ def test_grpo_steps_log_rewards_and_a_continued_run_equals_the_whole_one(tmp_pat
     for r in records:
         assert 0.0 <= r["reward_mean"] <= 1.0 and 0.0 <= r["groups_without_signal"] <= 1.0
         assert math.isfinite(r["loss"]) and r["clip_fraction"] == 0.0  # on-policy: the clip never decides
+        assert r["rollout/generated_tokens"] == r["response_tokens"] > 0  # every sampled token is trained on
     assert main(["train", str(grpo_run(tmp_path / "parts", hf_dir, steps=2))]) == 0
     assert main(["train", str(grpo_run(tmp_path / "parts", hf_dir, steps=4))]) == 0  # resumes at step 2
     assert losses(tmp_path / "parts" / "run") == losses(tmp_path / "whole" / "run")

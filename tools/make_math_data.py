@@ -2,13 +2,19 @@
 
     python tools/make_math_data.py [--out data] [--seed 0] [--train 4000] [--test 500]
 
-Writes ``data/arith/{train,test}.jsonl`` (columns problem, solution, answer, kind) and
+Writes ``data/arith/{train,test}.jsonl`` (columns problem, solution, answer, kind),
+``data/arith_terse/{train,test}.jsonl`` (the same rows with terse reference solutions) and
 ``data/tokenizer/`` (an HF tokenizer directory). Everything is a pure function of the seed.
 
 Problems are grade-school style with 2-3 steps over small numbers, drawn from ten phrasings that
 mix +, -, * and exact /. The solutions are regular ("step: a op b = c." lines, then
 ``The answer is \\boxed{n}.``) so a tiny model can learn them in minutes on a CPU, while the
 chained steps keep a briefly fine-tuned tiny model well short of perfect.
+
+``arith_terse`` gives each problem a reference solution in another style than the step-by-step
+answers a model warmed up on ``arith`` writes: the whole computation as one expression and its
+boxed result (``5 * 5 + 5 - 16 = \\boxed{14}``), as real reference solutions are often terser than
+a student's own answers. The tokenizer is trained on ``arith`` alone (every terse symbol is in it).
 
 The operand ranges are calibrated for the CPU demo (factors up to 6, sums below ~50): a 0.7M-parameter
 model learns to copy the problem's numbers within a few hundred steps, so its accuracy is set by
@@ -53,10 +59,15 @@ class Row:
     steps: tuple[str, ...]
     answer: int
     kind: str
+    expression: str  # the whole computation in one line, in the order of the steps
 
     def to_json(self) -> dict:
         solution = "\n".join(self.steps) + f"\nThe answer is \\boxed{{{self.answer}}}."
         return {"problem": self.problem, "solution": solution, "answer": str(self.answer), "kind": self.kind}
+
+    def to_terse_json(self) -> dict:
+        """The same row with a terse reference solution: one expression and the boxed result."""
+        return {**self.to_json(), "solution": f"{self.expression} = \\boxed{{{self.answer}}}"}
 
 
 def _people(r: random.Random) -> tuple[str, str, str]:
@@ -70,7 +81,7 @@ def buy_bags(r: random.Random) -> Row:
     x = b * c
     return Row(
         f"{name} has {a} {item}. {he} buys {b} bags with {c} {item} in each bag. How many {item} does {name} have now?",
-        (f"{name} buys {b} * {c} = {x} {item}.", f"{name} has {a} + {x} = {a + x} {item} now."), a + x, "buy_bags")
+        (f"{name} buys {b} * {c} = {x} {item}.", f"{name} has {a} + {x} = {a + x} {item} now."), a + x, "buy_bags", f"{a} + {b} * {c}")
 
 
 def give_then_find(r: random.Random) -> Row:
@@ -80,7 +91,7 @@ def give_then_find(r: random.Random) -> Row:
     return Row(
         f"{name} had {a} {item}. {he} gave {b} {item} to {other} and then found {c} more. How many {item} does {name} have now?",
         (f"After giving some away, {name} has {a} - {b} = {a - b} {item}.",
-         f"After finding more, {name} has {a - b} + {c} = {a - b + c} {item}."), a - b + c, "give_then_find")
+         f"After finding more, {name} has {a - b} + {c} = {a - b + c} {item}."), a - b + c, "give_then_find", f"{a} - {b} + {c}")
 
 
 def boxes_used(r: random.Random) -> Row:
@@ -90,7 +101,7 @@ def boxes_used(r: random.Random) -> Row:
     return Row(
         f"A box holds {a} {item}. {name} buys {b} boxes and uses {c} {item}. How many {item} are left?",
         (f"The boxes hold {a} * {b} = {a * b} {item}.", f"There are {a * b} - {c} = {a * b - c} {item} left."),
-        a * b - c, "boxes_used")
+        a * b - c, "boxes_used", f"{a} * {b} - {c}")
 
 
 def share_then_add(r: random.Random) -> Row:
@@ -101,7 +112,7 @@ def share_then_add(r: random.Random) -> Row:
         f"{name} has {a} {item} and shares them equally among {b} friends. Each friend then gets {c} more {item}. "
         f"How many {item} does each friend have?",
         (f"Each friend first gets {a} / {b} = {x} {item}.", f"Each friend then has {x} + {c} = {x + c} {item}."),
-        x + c, "share_then_add")
+        x + c, "share_then_add", f"{a} / {b} + {c}")
 
 
 def shopping(r: random.Random) -> Row:
@@ -112,7 +123,7 @@ def shopping(r: random.Random) -> Row:
         f"A {one} costs {a} dollars and a {other} costs {b} dollars. {name} buys {c} {many} and one {other}. "
         f"How many dollars does {name} spend?",
         (f"The {many} cost {c} * {a} = {a * c} dollars.", f"{name} spends {a * c} + {b} = {a * c + b} dollars."),
-        a * c + b, "shopping")
+        a * c + b, "shopping", f"{c} * {a} + {b}")
 
 
 def packs_then_give(r: random.Random) -> Row:
@@ -124,7 +135,7 @@ def packs_then_give(r: random.Random) -> Row:
         f"{name} has {a} {item}. {he} buys {b} packs of {c} {item} and then gives away {d} {item}. "
         f"How many {item} does {name} have now?",
         (f"The packs have {b} * {c} = {b * c} {item}.", f"{name} then has {a} + {b * c} = {y} {item}.",
-         f"After giving some away, {name} has {y} - {d} = {y - d} {item}."), y - d, "packs_then_give")
+         f"After giving some away, {name} has {y} - {d} = {y - d} {item}."), y - d, "packs_then_give", f"{a} + {b} * {c} - {d}")
 
 
 def garden(r: random.Random) -> Row:
@@ -136,7 +147,7 @@ def garden(r: random.Random) -> Row:
         f"A garden has {a} rows of {b} {plant}. {name} plants {c} more {plant} and {d} {plant} die. "
         f"How many {plant} are in the garden now?",
         (f"The rows have {a} * {b} = {a * b} {plant}.", f"After planting, there are {a * b} + {c} = {y} {plant}.",
-         f"After some die, there are {y} - {d} = {y - d} {plant}."), y - d, "garden")
+         f"After some die, there are {y} - {d} = {y - d} {plant}."), y - d, "garden", f"{a} * {b} + {c} - {d}")
 
 
 def ages(r: random.Random) -> Row:
@@ -145,7 +156,7 @@ def ages(r: random.Random) -> Row:
     return Row(
         f"{name} is {a} years old. {other} is {b} years older than {name}. How old will {other} be in {c} years?",
         (f"{other} is {a} + {b} = {a + b} years old now.", f"In {c} years {other} will be {a + b} + {c} = {a + b + c} years old."),
-        a + b + c, "ages")
+        a + b + c, "ages", f"{a} + {b} + {c}")
 
 
 def savings(r: random.Random) -> Row:
@@ -156,7 +167,7 @@ def savings(r: random.Random) -> Row:
         f"{name} saves {a} dollars each week for {b} weeks. Then {he.lower()} spends {c} dollars on a {treat}. "
         f"How many dollars does {name} have left?",
         (f"{name} saves {a} * {b} = {a * b} dollars.", f"{name} has {a * b} - {c} = {a * b - c} dollars left."),
-        a * b - c, "savings")
+        a * b - c, "savings", f"{a} * {b} - {c}")
 
 
 def baskets(r: random.Random) -> Row:
@@ -169,24 +180,30 @@ def baskets(r: random.Random) -> Row:
     return Row(
         f"{name} picks {a} {item} each day for {b} days. {he} puts them equally into {c} baskets. "
         f"How many {item} are in each basket?",
-        (f"{name} picks {a} * {b} = {a * b} {item}.", f"Each basket has {a * b} / {c} = {q} {item}."), q, "baskets")
+        (f"{name} picks {a} * {b} = {a * b} {item}.", f"Each basket has {a * b} / {c} = {q} {item}."), q, "baskets", f"{a} * {b} / {c}")
 
 
 KINDS: tuple[Callable[[random.Random], Row], ...] = (
     buy_bags, give_then_find, boxes_used, share_then_add, shopping, packs_then_give, garden, ages, savings, baskets)
 
 
-def generate(seed: int, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
+def generate(seed: int, n_train: int, n_test: int) -> tuple[list[Row], list[Row]]:
     """Distinct problems; the test split shares no problem text with the train split."""
     r = random.Random(seed)
     seen: set[str] = set()
-    rows: list[dict] = []
+    rows: list[Row] = []
     while len(rows) < n_train + n_test:
         row = r.choice(KINDS)(r)
         if row.problem not in seen:
             seen.add(row.problem)
-            rows.append(row.to_json())
+            rows.append(row)
     return rows[:n_train], rows[n_train:]
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -249,12 +266,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vocab-size", type=int, default=1024)
     args = ap.parse_args(argv)
     train, test = generate(args.seed, args.train, args.test)
-    (args.out / "arith").mkdir(parents=True, exist_ok=True)
     for split, rows in (("train", train), ("test", test)):
-        with open(args.out / "arith" / f"{split}.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-    vocab = train_tokenizer(train, args.out / "tokenizer", args.vocab_size)
-    print(f"wrote {len(train)} train / {len(test)} test rows and a {vocab}-token tokenizer under {args.out}")
+        write_rows(args.out / "arith" / f"{split}.jsonl", [row.to_json() for row in rows])
+        write_rows(args.out / "arith_terse" / f"{split}.jsonl", [row.to_terse_json() for row in rows])
+    vocab = train_tokenizer([row.to_json() for row in train], args.out / "tokenizer", args.vocab_size)
+    print(f"wrote {len(train)} train / {len(test)} test rows (arith and arith_terse) and a {vocab}-token "
+          f"tokenizer under {args.out}")
 
 
 if __name__ == "__main__":

@@ -234,7 +234,7 @@ class PromptBuilder:
         with its solution). Such rows are an error naming the data set and rows, or with
         ``on_invalid_row: skip`` dropped and counted."""
         texts = [self.student_text(p.problem) for p in problems.problems]
-        solutions = ["" if self.cfg.overlong_teacher == "trim_solution" else p.solution for p in problems.problems]
+        solutions = ["" if self.cfg.overlong_teacher == "trim_solution" else p.solution or "" for p in problems.problems]
         teacher = [self.teacher_text(p.problem, s) for p, s in zip(problems.problems, solutions)]
         lengths = self.tokenizer(texts + teacher, add_special_tokens=False)["input_ids"]
         student, teacher = lengths[:len(texts)], lengths[len(texts):]

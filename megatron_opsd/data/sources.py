@@ -38,7 +38,10 @@ class FieldMap(Section):
     """
 
     problem: str = Field(default="problem", description="column or dotted path of the problem text")
-    solution: str = Field(default="solution", description="column or dotted path of the reference solution text")
+    solution: str | None = Field(
+        default="solution",
+        description="column or dotted path of the reference solution text; null if the data has none (evaluation and "
+                    "GRPO read only answers; OPSD and SFT refuse it)")
     answer: str | None = Field(default="answer", description="final answer for grading; null if the data has none")
 
 
@@ -82,7 +85,7 @@ class Problem:
 
     index: int
     problem: str
-    solution: str
+    solution: str | None
     answer: str | None
 
 
@@ -101,7 +104,7 @@ class ProblemSet:
         """Content hash: a resumed iterator refuses a data set that changed under it."""
         h = hashlib.blake2b(digest_size=16)
         for p in self.problems:
-            for part in (str(p.index), p.problem, p.solution, p.answer or ""):
+            for part in (str(p.index), p.problem, p.solution or "", p.answer or ""):
                 h.update(part.encode())
                 h.update(b"\0")
         return h.hexdigest()
@@ -147,7 +150,9 @@ def _answer_text(value: Any) -> tuple[str | None, str | None]:
 
 
 def _mapped_paths(fields: FieldMap) -> dict[str, str]:
-    mapped = {"problem": fields.problem, "solution": fields.solution}
+    mapped = {"problem": fields.problem}
+    if fields.solution is not None:
+        mapped["solution"] = fields.solution
     if fields.answer is not None:
         mapped["answer"] = fields.answer
     return mapped
@@ -186,7 +191,7 @@ def extract_problems(rows: Iterable[Mapping[str, Any]], cfg: DataConfig, label: 
         if errors:
             bad.extend(errors)
             continue
-        problems.append(Problem(index, values["problem"], values["solution"], values.get("answer")))
+        problems.append(Problem(index, values["problem"], values.get("solution"), values.get("answer")))
 
     absent = [role for role, seen in present.items() if not seen]
     if num_rows and absent:

@@ -135,7 +135,7 @@ def _check_problems(problems: list[Problem], builder: PromptBuilder, cfg: EvalRu
 
 
 def run(args: argparse.Namespace) -> int:
-    flags = [f"data.path={json.dumps(args.data)}"] if args.data is not None else []
+    flags = ["data.source=local", f"data.path={json.dumps(args.data)}"] if args.data is not None else []
     flags += [f"eval.k={args.k}"] if args.k is not None else []
     cfg = load_config(EvalRunConfig, args.config, [*flags, *args.overrides])
     problems = load_problems(cfg.data)

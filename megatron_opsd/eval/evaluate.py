@@ -12,6 +12,7 @@ new tokens; thinking on is the prompt builder's ``eval_thinking`` (default true)
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -116,15 +117,21 @@ def reference_of(problem: Problem) -> str:
     """The gold answer: the row's answer field, else the last ``\\boxed{}`` of its solution."""
     if problem.answer is not None:
         return problem.answer
-    boxed = extract_boxed(problem.solution)
+    boxed = extract_boxed(problem.solution) if problem.solution is not None else None
     if boxed is None:
-        raise ValueError(f"row {problem.index}: no answer field and no \\boxed{{}} in the solution; cannot grade")
+        raise ValueError(f"row {problem.index}: no answer field and no \\boxed{{}} in a solution; cannot grade")
     return boxed
 
 
 def unparseable_references(problems: Sequence[Problem]) -> list[int]:
-    """Rows whose gold answer math-verify cannot read (warned about): a prediction is then right only
-    if it is the same string after normalization, so such rows grade wrong whatever is answered."""
+    """Rows whose gold answer math-verify cannot read (warned about, once per problem set): a
+    prediction is then right only if it is the same string after normalization, so such rows grade
+    wrong whatever is answered."""
+    return list(_unparseable_rows(tuple(problems)))
+
+
+@functools.lru_cache(maxsize=8)  # a run evaluates the same problems every eval.interval steps
+def _unparseable_rows(problems: tuple[Problem, ...]) -> tuple[int, ...]:
     rows = []
     for problem in problems:
         try:
@@ -136,7 +143,7 @@ def unparseable_references(problems: Sequence[Problem]) -> list[int]:
     if rows:
         log.warning("%d gold answer(s) math-verify cannot parse, graded by string comparison only: rows %s%s",
                     len(rows), rows[:10], " ..." if len(rows) > 10 else "")
-    return rows
+    return tuple(rows)
 
 
 def _batch_seed(seed: int, batch: int) -> int:

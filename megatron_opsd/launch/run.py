@@ -44,7 +44,6 @@ class Launch:
 
     def __init__(self, plan: Plan):
         self.plan, self.started_at = plan, time.monotonic()
-        self.log_dir = Path(plan.log_dir)
         self.processes: dict[str, subprocess.Popen] = {}
         self.stop_signal: int | None = None  # the latest stop request
 

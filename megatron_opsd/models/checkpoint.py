@@ -180,17 +180,17 @@ def load(chunks: list[LlamaFamilyModel], ckpt_dir: str | Path) -> None:
     _check_complete(ckpt_dir)
     if not (ckpt_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a Megatron dist checkpoint: no metadata.json")
-    request = _merge_in_place(chunk.sharded_state_dict())
     lora = read_lora_manifest(ckpt_dir)
-    if lora is not None:  # adapters only: the base comes from where the run took it
+    if lora is not None and not has_adapters(chunks):  # adapters only: the base comes from where the run took it
         cfg, base = lora
-        if not has_adapters(chunks):
-            if base is None:
-                raise CheckpointError(f"{ckpt_dir} holds LoRA adapters over a randomly initialized base (model.config): "
-                                      f"only its training run can rebuild that base")
-            load_hf_weights(chunks, base)
-            add_adapters(chunks, cfg, seed=0)
-        request = {k: v for k, v in _merge_in_place(chunk.sharded_state_dict()).items() if is_adapter_param(k)}
+        if base is None:
+            raise CheckpointError(f"{ckpt_dir} holds LoRA adapters over a randomly initialized base (model.config): "
+                                  f"only its training run can rebuild that base")
+        load_hf_weights(chunks, base)
+        add_adapters(chunks, cfg, seed=0)
+    request = _merge_in_place(chunk.sharded_state_dict())
+    if lora is not None:
+        request = {k: v for k, v in request.items() if is_adapter_param(k)}
     try:
         state = dist_checkpointing.load(request, str(ckpt_dir))
     except CheckpointException as exc:  # a BaseException: it would escape every `except Exception`

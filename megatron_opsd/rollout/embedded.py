@@ -262,16 +262,49 @@ class EmbeddedEngine:
 
 def sample(logits: torch.Tensor, params: SamplingParams,
            generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token, log-prob) per row of ``logits`` [B, V] (fp32); row ``r`` draws from ``generators[r]``."""
+    """(token, log-prob) per row of ``logits`` [B, V] (fp32); row ``r`` draws from ``generators[r]``.
+
+    With top-k, the top-p nucleus is cut from the k survivors (``torch.topk`` returns them sorted)
+    instead of sorting the whole vocabulary, and the race runs over them alone: the same tokens as
+    ``softmax(truncate(...))`` over the vocabulary (tested). Each row still draws one Exp(1) noise per
+    vocabulary entry, so its random stream, and with it every later token, is what it always was.
+    """
     if params.temperature == 0:
         token = logits.argmax(-1)
         return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
     scaled = logits / params.temperature
     logprobs = torch.log_softmax(scaled, -1)
-    probs = torch.softmax(truncate(scaled, params.top_k, params.top_p), -1)
-    noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in generators])
-    token = (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1)  # an Exp(1) draw can be 0
+    noise = torch.empty_like(scaled)
+    for row, generator in zip(noise, generators, strict=True):
+        row.exponential_(generator=generator)
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # an Exp(1) draw can be 0
+    survivors = _top_k_survivors(scaled, params.top_k)
+    if survivors is None:
+        token = (torch.softmax(truncate(scaled, params.top_k, params.top_p), -1) / noise).argmax(-1)
+    else:
+        values, index = survivors
+        if params.top_p < 1:
+            values = values.masked_fill(_outside_nucleus(values, params.top_p), float("-inf"))
+        race = values.softmax(-1) / noise.gather(-1, index)
+        token = index.gather(-1, race.argmax(-1, keepdim=True))[:, 0]
     return token, logprobs.gather(-1, token[:, None])[:, 0]
+
+
+def _top_k_survivors(scaled: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The top-k values (descending) and their indices, or None when top-k is off or some row has
+    ties at its k-th value (``truncate`` keeps them all: such a batch takes the full-vocabulary path)."""
+    if not 0 < top_k < scaled.shape[-1]:
+        return None
+    values, index = torch.topk(scaled, top_k, dim=-1)
+    if bool(((scaled >= values[:, -1:]).sum(-1) > top_k).any()):
+        return None
+    return values, index
+
+
+def _outside_nucleus(ordered: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Of logits sorted descending: those after the smallest prefix whose probability reaches ``top_p``."""
+    probs = ordered.softmax(-1)
+    return probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
 
 
 def truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -285,7 +318,5 @@ def truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     if top_p < 1:
         ordered, order = scaled.sort(dim=-1, descending=True)
-        probs = ordered.softmax(-1)
-        outside = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
-        scaled = scaled.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
+        scaled = scaled.scatter(-1, order, ordered.masked_fill(_outside_nucleus(ordered, top_p), float("-inf")))
     return scaled

@@ -186,7 +186,9 @@ def start_point(cfg: TrainConfig) -> tuple[Path | None, bool]:
 
 
 def _probe_ids(cfg: TrainConfig, prompts: PromptBuilder, problem: Problem, end_ids: tuple[int, ...]) -> list[int]:
-    """The probe sequence: the first training problem's prompt and solution (and end-of-turn)."""
-    ids = prompts.student_ids(problem) + prompts.tokenizer.encode(problem.solution, add_special_tokens=False)
+    """The probe sequence: the first training problem's prompt and solution, or its answer in a data set
+    without solutions (and end-of-turn)."""
+    response = problem.solution if problem.solution is not None else problem.answer or ""
+    ids = prompts.student_ids(problem) + prompts.tokenizer.encode(response, add_special_tokens=False)
     return (ids + list(end_ids))[:cfg.rollout.sync.probe_tokens]
 

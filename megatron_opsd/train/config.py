@@ -110,6 +110,9 @@ class TrainConfig(Section):
         vocab, loss = self.model.vocab_size(), self.algorithm.opsd.loss
         if vocab is not None and vocab != loss.vocab_size:
             raise ValueError(f"algorithm.opsd.loss.vocab_size={loss.vocab_size} differs from the model's vocab_size={vocab}")
+        if self.algorithm.name in ("opsd", "sft") and self.data.fields.solution is None:
+            raise ValueError(f"algorithm.name={self.algorithm.name} trains on reference solutions: data.fields.solution "
+                             f"must name them (null is for evaluation and GRPO, which read only answers)")
         engine, sync = self.rollout.engine.kind, self.rollout.sync
         if sync.kind not in SYNC_KINDS[engine]:
             raise ValueError(f"rollout.engine.kind={engine} needs rollout.sync.kind {' or '.join(SYNC_KINDS[engine])}, "

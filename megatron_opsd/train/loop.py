@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from megatron.core import parallel_state
 from megatron.core.utils import unwrap_model
 
@@ -41,13 +42,14 @@ from megatron_opsd.data.batching import rank_micro_batches
 from megatron_opsd.data.packing import MicroBatch
 from megatron_opsd.data.sample import Sample
 from megatron_opsd.eval.evaluate import evaluate, write_report
+from megatron_opsd.fileio import atomic_write_text
 from megatron_opsd.models.bridge import write_hf_model
 from megatron_opsd.models.peft_format import write_peft_adapters
 from megatron_opsd.parallel import broadcast_from_rank0
 from megatron_opsd.platform import current_device
 from megatron_opsd.processes import RunStopped, StopRequests, end_children_with_this_process
 from megatron_opsd.rollout.engine import rollout_samples, rollout_stats
-from megatron_opsd.tracking import Tracker
+from megatron_opsd.tracking import CONFIG_FILE, Tracker
 from megatron_opsd.train.checkpoint import load_checkpoint, save_checkpoint
 from megatron_opsd.train.components import Components, build_components
 from megatron_opsd.train.config import TrainConfig
@@ -89,8 +91,9 @@ class Trainer:
         if batch.rollouts is None:
             return c.algorithm.samples(batch.problems, None), {}
         flat = [r for group in batch.rollouts for r in group]
-        metrics = {**rollout_stats(flat), "time/rollout": batch.seconds,
-                   "tokens_per_s/rollout": sum(len(r.response_ids) for r in flat) / batch.seconds}
+        generated = sum(len(r.response_ids) for r in flat)  # summed over steps: the x axis of `opsd compare`
+        metrics = {**rollout_stats(flat), "time/rollout": batch.seconds, "rollout/generated_tokens": float(generated),
+                   "tokens_per_s/rollout": generated / batch.seconds}
         if c.weight_sync is not None:  # optimizer steps between the weights that sampled and those that train
             metrics["rollout/weight_version_lag"] = float(step - 1 - batch.version)
         return c.algorithm.samples(batch.problems, rollout_samples(batch.prompts, batch.rollouts)), metrics
@@ -162,6 +165,7 @@ class Trainer:
         tracker_start = start + 1 if start else 0
         if self.is_rank0:
             (self.run_dir / STOPPED).unlink(missing_ok=True)
+            atomic_write_text(self.run_dir / CONFIG_FILE, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         with Tracker(cfg.tracking, self.run_dir, start_step=tracker_start, run_config=cfg.model_dump(),
                      enabled=self.is_rank0) as tracker, StopRequests(cfg.checkpoint.stop_grace_s, cfg.checkpoint.stop_file) as stop:
             pending: dict[str, float] = {}  # the first sync's metrics join the next record

@@ -160,7 +160,8 @@ class DistributedSync:
 
     def _fire(self, call: Callable[..., None]) -> list[tuple[int, Future]]:
         """Rank 0: ``call(server, rank_offset)`` on every server in threads, not waited for (the
-        calls that join a collective return only once the trainer's side has joined it too)."""
+        calls that join a collective return only once the trainer's side has joined it too). A new
+        pool per call: a server that hangs past its timeout must not hold up the next bucket's request."""
         if self.engine is None:
             return []
         pool = ThreadPoolExecutor(len(self.engine.fleet.members))

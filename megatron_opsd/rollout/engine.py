@@ -94,19 +94,20 @@ def stop_token_ids(tokenizer: Any, tokens: list[str] | None) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Rollout:
-    """One sampled response: its token ids, the sampler's log-prob of each, why it ended, and the
-    weight version it was sampled with.
+    """One sampled response: its token ids, the sampler's log-prob of each (of ``log_softmax(logits /
+    temperature)`` before top-k / top-p; None from an engine that can report only another quantity
+    for these sampling settings), why it ended, and the weight version it was sampled with.
 
     A truncated response (``finish_reason == "length"``) is kept for training, as in the paper.
     """
 
     response_ids: tuple[int, ...]
-    logprobs: tuple[float, ...]
+    logprobs: tuple[float, ...] | None
     finish_reason: FinishReason
     weight_version: int | None = None
 
     def __post_init__(self) -> None:
-        if len(self.response_ids) != len(self.logprobs):
+        if self.logprobs is not None and len(self.response_ids) != len(self.logprobs):
             raise ValueError(f"{len(self.response_ids)} response ids but {len(self.logprobs)} log-probs")
         if not self.response_ids:
             raise ValueError("empty response")

@@ -14,8 +14,9 @@ from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_opsd.rollout.engine import RolloutEngine
 from megatron_opsd.rollout.recorded import RecordedEngineConfig, RecordedRolloutEngine
 from megatron_opsd.rollout.sglang.config import SGLangEngineConfig
+from megatron_opsd.rollout.vllm.config import VLLMEngineConfig
 
-API_KEY_ENV = "OPSD_SGLANG_API_KEY"  # the job's key for servers started elsewhere (generated otherwise)
+API_KEY_ENV = "OPSD_SGLANG_API_KEY"  # the job's key for servers started elsewhere (generated otherwise; vLLM's too)
 
 
 def _kind(value: Any) -> str:
@@ -23,27 +24,37 @@ def _kind(value: Any) -> str:
     return value.get("kind", "embedded") if isinstance(value, dict) else getattr(value, "kind", "")
 
 
-EngineSection = EmbeddedEngineConfig | RecordedEngineConfig | SGLangEngineConfig
+EngineSection = EmbeddedEngineConfig | RecordedEngineConfig | SGLangEngineConfig | VLLMEngineConfig
 EngineConfig = Annotated[Annotated[EmbeddedEngineConfig, Tag("embedded")] | Annotated[RecordedEngineConfig, Tag("recorded")]
-                         | Annotated[SGLangEngineConfig, Tag("sglang")], Discriminator(_kind)]
+                         | Annotated[SGLangEngineConfig, Tag("sglang")] | Annotated[VLLMEngineConfig, Tag("vllm")],
+                         Discriminator(_kind)]
 
 
 def build_engine(cfg: EngineSection, hf_config: PretrainedConfig,
                  workdir: Path, write_model_files: Callable[[Path], None]) -> RolloutEngine:
     """The engine ``cfg.kind`` names, for a model of ``hf_config``. Engines start with random
-    weights: a weight sync brings the trainer's. An SGLang fleet keeps its logs and the model
+    weights: a weight sync brings the trainer's. A server fleet (SGLang, vLLM) keeps its logs and the model
     directory it starts from (``write_model_files(dir)``: config and tokenizer) in ``workdir``."""
     if cfg.kind == "embedded":
         return EmbeddedEngine.from_hf_config(hf_config, cfg)
     if cfg.kind == "recorded":
         return RecordedRolloutEngine.load(cfg.path)
-    from megatron_opsd.rollout.sglang.engine import SGLangEngine
-    from megatron_opsd.rollout.sglang.fleet import Fleet
-
     model_dir = workdir / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     write_model_files(model_dir)
     api_key = os.environ.get(API_KEY_ENV) or (None if cfg.urls else secrets.token_urlsafe(24))
-    fleet = Fleet(cfg, workdir / "logs", api_key)
-    fleet.start(str(model_dir), version=0, load_format="dummy")
-    return SGLangEngine(fleet, cfg, hf_config.vocab_size, run_id=secrets.token_hex(4))
+    if cfg.kind == "vllm":
+        from megatron_opsd.rollout.vllm.engine import VLLMEngine, VLLMFleet
+
+        fleet, engine_type = VLLMFleet(cfg, workdir / "logs", api_key), VLLMEngine
+    else:
+        from megatron_opsd.rollout.sglang.engine import SGLangEngine
+        from megatron_opsd.rollout.sglang.fleet import Fleet
+
+        fleet, engine_type = Fleet(cfg, workdir / "logs", api_key), SGLangEngine
+    try:
+        fleet.start(str(model_dir), version=0, load_format="dummy")
+    except BaseException:
+        fleet.stop()  # the servers that did start
+        raise
+    return engine_type(fleet, cfg, hf_config.vocab_size, run_id=secrets.token_hex(4))

@@ -67,11 +67,15 @@ class RecordedRolloutEngine:
             try:
                 row = json.loads(line)
                 records[tuple(row["prompt"])] = [
-                    Rollout(tuple(r["response_ids"]), tuple(r["logprobs"]), r["finish_reason"]) for r in row["rollouts"]
+                    Rollout(tuple(r["response_ids"]), _logprobs(r["logprobs"]), r["finish_reason"]) for r in row["rollouts"]
                 ]
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"{path}:{n}: bad recorded rollout: {exc}") from exc
         return cls(records)
+
+
+def _logprobs(values: list[float] | None) -> tuple[float, ...] | None:
+    return None if values is None else tuple(values)
 
 
 def _record(rollout: Rollout) -> dict:
@@ -89,4 +93,4 @@ def _apply_limits(rollout: Rollout, params: SamplingParams, version: int) -> Rol
         end, reason = params.max_new_tokens, "length"
     else:
         end = len(ids)
-    return Rollout(ids[:end], logprobs[:end], reason, version)
+    return Rollout(ids[:end], None if logprobs is None else logprobs[:end], reason, version)

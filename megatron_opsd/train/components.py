@@ -139,8 +139,10 @@ def build_components(cfg: TrainConfig) -> Components:
         engine = on_rank0(lambda: build_engine(cfg.rollout.engine, hf_config, run_dir / "rollout", write_files))
     weight_sync = None
     if needs_engine:
+        # At temperature 1: every engine scores that (vLLM's prompt log-probs ignore temperature), and a
+        # wrongly mapped weight shows at any temperature.
         probe = ProbeCheck(chunks, _probe_ids(cfg, prompts, problems.problems[0], sampling.stop_token_ids),
-                           logprob_temperature, cfg.rollout.sync.probe_tolerance, hf_config.vocab_size)
+                           1.0, cfg.rollout.sync.probe_tolerance, hf_config.vocab_size)
         weight_sync = build_weight_sync(cfg.rollout.sync, engine, chunks, probe, cfg.rollout.engine,
                                         Path(cfg.rollout.sync.dir or run_dir / "weights"), write_files)
     data = ProblemIterator(problems, cfg.data.seed, cfg.data.shuffle)

@@ -28,7 +28,7 @@ from megatron_opsd.train.checkpoint import CheckpointConfig
 from megatron_opsd.train.optim import OptimConfig
 from megatron_opsd.train.step import StepConfig
 
-SYNC_KINDS = {"embedded": ("inprocess",), "recorded": ("none",), "sglang": ("disk", "distributed")}
+SYNC_KINDS = {"embedded": ("inprocess",), "recorded": ("none",), "sglang": ("disk", "distributed"), "vllm": ("disk",)}
 
 
 class ParallelConfig(Section):
@@ -117,6 +117,11 @@ class TrainConfig(Section):
         if sync.kind not in SYNC_KINDS[engine]:
             raise ValueError(f"rollout.engine.kind={engine} needs rollout.sync.kind {' or '.join(SYNC_KINDS[engine])}, "
                              f"not {sync.kind}")
+        if (engine == "vllm" and self.algorithm.name == "grpo" and self.algorithm.grpo.old == "rollout"
+                and self.rollout.temperature > 0 and (self.rollout.top_k != -1 or self.rollout.top_p < 1)):
+            raise ValueError("algorithm.grpo.old=rollout takes the sampler's log-probs of the untruncated distribution; "
+                             "vLLM reports them only without top-k / top-p: set rollout.top_k=-1 and rollout.top_p=1, "
+                             "or grpo.old=current")
         if engine == "recorded" and self.eval.data is not None:
             raise ValueError("evaluation (eval.data) needs an engine that samples from the trainer's weights; "
                              "rollout.engine.kind=recorded replays recorded rollouts")

@@ -1,4 +1,4 @@
-"""HTTP calls to one SGLang server or router (httpx), each error naming the URL and the call.
+"""The HTTP calls of one SGLang server or router.
 
 Control calls (pause, continue, flush, weight updates) go to each server directly: the router
 forwards only generation (and ``/flush_cache``). They are synchronous; a caller that must fire
@@ -7,56 +7,17 @@ Generation is asynchronous (:meth:`Server.generate`), many requests in flight at
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
+from megatron_opsd.rollout.remote.http import Endpoint
+from megatron_opsd.rollout.remote.http import ServerError as SGLangError
 
-class SGLangError(RuntimeError):
-    """A server or router that answered with an error, or not at all."""
 
-
-@dataclass
-class Server:
-    """One HTTP endpoint of the fleet (a server or the router) and the API key it requires."""
-
-    url: str
-    api_key: str | None = None
-    timeout_s: float = 600.0
-    _client: httpx.Client | None = field(default=None, init=False, repr=False)
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
-    def _http(self) -> httpx.Client:
-        if self._client is None:
-            self._client = httpx.Client(base_url=self.url, headers=self.headers, timeout=self.timeout_s)
-        return self._client
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None, *, timeout_s: float | None = None,
-             expect: tuple[int, ...] = (200,)) -> Any:
-        """``method path`` with a JSON body; the parsed JSON reply (or its text). Any status outside
-        ``expect`` or a transport error is an SGLangError naming the URL, the call and the reply."""
-        try:
-            reply = self._http().request(method, path, json=body, timeout=timeout_s or self.timeout_s)
-        except httpx.HTTPError as exc:
-            raise SGLangError(f"{self.url}{path}: {type(exc).__name__}: {exc}") from exc
-        if reply.status_code not in expect:
-            raise SGLangError(f"{self.url}{path}: HTTP {reply.status_code}: {reply.text[:300]}")
-        try:
-            return reply.json()
-        except ValueError:
-            return reply.text
-
-    def healthy(self, timeout_s: float = 5.0) -> bool:
-        try:
-            self.call("GET", "/health", timeout_s=timeout_s)
-        except SGLangError:
-            return False
-        return True
+class Server(Endpoint):
+    """One SGLang server (or the router)."""
 
     def model_info(self) -> dict[str, Any]:
         return self.call("GET", "/model_info")
@@ -85,9 +46,12 @@ class Server:
             message = reply.get("message") if isinstance(reply, dict) else reply
             raise SGLangError(f"{self.url}{path}: not successful: {message}")
 
-    def update_weights_from_disk(self, model_path: str, version: int) -> None:
-        self._update("/update_weights_from_disk",
-                     {"model_path": model_path, "weight_version": str(version), "flush_cache": False})
+    def load_weights(self, model_path: str, version: int) -> None:
+        """``/update_weights_from_disk``: serve the HF directory ``model_path`` as ``version``. The
+        load format is named: SGLang defaults it to the server's ``--load-format``, and a server
+        started with ``dummy`` weights refuses to load a directory with that."""
+        self._update("/update_weights_from_disk", {"model_path": model_path, "load_format": "auto",
+                                                   "weight_version": str(version), "flush_cache": False})
 
     def update_weight_version(self, version: int) -> None:
         self.call("POST", "/update_weight_version", {"new_version": str(version), "abort_all_requests": False})
@@ -115,24 +79,4 @@ class Server:
 
     async def generate(self, client: httpx.AsyncClient, body: dict[str, Any], timeout_s: float) -> Any:
         """One ``/generate`` (``client`` is the caller's shared async client, based on this URL)."""
-        try:
-            reply = await client.post("/generate", json=body, timeout=timeout_s)
-        except httpx.HTTPError as exc:
-            raise SGLangError(f"{self.url}/generate rid {body.get('rid')}: {type(exc).__name__}: {exc}") from exc
-        if reply.status_code != 200:
-            raise SGLangError(f"{self.url}/generate rid {body.get('rid')}: HTTP {reply.status_code}: {reply.text[:300]}")
-        try:
-            return reply.json()
-        except ValueError as exc:
-            raise SGLangError(f"{self.url}/generate rid {body.get('rid')}: the reply is not JSON: "
-                              f"{reply.text[:200]!r}") from exc
-
-    def async_client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=self.timeout_s,
-                                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
+        return await self.post_async(client, "/generate", body, timeout_s, f"rid {body.get('rid')}")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from megatron_opsd.rollout.engine import Rollout, SamplingParams
+from megatron_opsd.rollout.remote.replies import MalformedReplyError, token_ids
 
 # SGLang's SamplingParams fields (0.5.23): any other sampling_params key is answered with 400.
 SAMPLING_KEYS = frozenset({
@@ -35,10 +36,6 @@ SAMPLING_KEYS = frozenset({
     "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "n", "sampling_seed", "logit_bias",
     "json_schema", "regex", "ebnf", "structural_tag", "custom_params"})
 GREEDY_BELOW = 1e-6  # SGLang treats a lower temperature as greedy (top_k 1, temperature 1)
-
-
-class MalformedReplyError(ValueError):
-    """A ``/generate`` reply that does not have SGLang's shape, or does not fit the request."""
 
 
 def generate_request(input_ids: Sequence[int], params: SamplingParams, rid: str, seed: int | None,
@@ -87,12 +84,7 @@ def parse_generate(reply: Any, rid: str, vocab_size: int, where: str) -> Rollout
         return None
     if kind not in ("stop", "length"):
         raise MalformedReplyError(f"{where}: meta_info.finish_reason {finish!r} is not stop, length or abort")
-    ids = reply.get("output_ids")
-    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
-        raise MalformedReplyError(f"{where}: output_ids is not a non-empty list of token ids")
-    outside = [t for t in ids if not 0 <= t < vocab_size]
-    if outside:
-        raise MalformedReplyError(f"{where}: output_ids {outside[:5]} outside the vocabulary [0, {vocab_size})")
+    ids = token_ids(reply.get("output_ids"), vocab_size, where, "output_ids")
     triples = _triples(meta, "output_token_logprobs", where)
     if len(triples) != len(ids) or [t[1] for t in triples] != ids:
         raise MalformedReplyError(f"{where}: {len(triples)} output_token_logprobs for {len(ids)} output_ids, or for "

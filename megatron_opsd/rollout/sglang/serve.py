@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         engine = EmbeddedEngine.from_hf_config(AutoConfig.from_pretrained(args.model_path), cfg)
     else:
         engine = EmbeddedEngine.from_pretrained(args.model_path, cfg)
-    state = StandIn(engine, args.model_path, args.weight_version, args.max_running_requests, args.gather_ms / 1000)
+    state = StandIn(engine, args.model_path, args.weight_version, args.max_running_requests, args.gather_ms / 1000,
+                    args.load_format)
     uvicorn.run(build_app(state, args.api_key, args.tp_size), host=args.host, port=args.port,
                 log_level=args.server_log_level.lower(), access_log=False)
     return 0

@@ -8,7 +8,9 @@ finish reason ``abort``; an unknown ``sampling_params`` key is a 400), ``/pause_
 start again after ``/continue_generation``; ``in_place``: the running batch finishes, nothing new
 starts), ``/flush_cache`` (400 while requests run or wait), ``/abort_request`` (by rid prefix),
 ``/v1/loads``, ``/model_info``, ``/server_info``, ``/update_weights_from_disk`` (a directory
-that does not fit leaves the weights as they were), ``/update_weight_version``, and the
+that does not fit leaves the weights as they were; without a ``load_format`` it loads with the
+server's ``--load-format``, so a server started with ``dummy`` refuses, as SGLang's does),
+``/update_weight_version``, and the
 weight-update group: ``/init_weights_update_group``, ``/begin_weight_update``,
 ``/update_weights_from_distributed`` (``flattened_bucket`` too), ``/end_weight_update``,
 ``/destroy_weights_update_group``. ``weight_version`` is in
@@ -105,9 +107,11 @@ def _sampling(raw: Any) -> tuple[SamplingParams, int]:
 class StandIn:
     """The server's state: the engine, the queue, pause, weight version, weight-update groups."""
 
-    def __init__(self, engine: Any, model_path: str, weight_version: str, max_batch_size: int, gather_s: float = 0.0):
+    def __init__(self, engine: Any, model_path: str, weight_version: str, max_batch_size: int, gather_s: float = 0.0,
+                 load_format: str = "auto"):
         self.engine, self.model_path, self.max_batch_size = engine, model_path, max_batch_size
         self.gather_s = gather_s
+        self.load_format = load_format  # --load-format: what a disk update without one loads with
         self.weight_version = weight_version
         self.lock = threading.Condition()  # guards the queue, the running batch and pause
         self.queue: list[Pending] = []
@@ -370,6 +374,9 @@ def build_app(state: StandIn, api_key: str | None, tp_size: int = 1) -> FastAPI:
     def update_weights_from_disk(body: dict[str, Any]) -> Any:
         if body.get("abort_all_requests"):
             state.abort(None)
+        if (body.get("load_format") or state.load_format) == "dummy":  # SGLang defaults it to --load-format
+            return JSONResponse({"success": False, "message": "Failed to get model loader: <DummyModelLoader>.",
+                                 "num_paused_requests": 0}, status_code=400)
         try:
             state.load_from_disk(Path(body["model_path"]), _version(body))
         except WeightsUnchanged as exc:  # reported as SGLang reports a load it rolled back

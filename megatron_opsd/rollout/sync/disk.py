@@ -1,5 +1,5 @@
 """``rollout.sync.kind: disk``: each version as a Hugging Face directory on a path the servers
-share, loaded by every server with ``/update_weights_from_disk``.
+share, loaded by every server (SGLang's ``/update_weights_from_disk``, vLLM's in-place reload).
 
 Per push: the exporter writes ``dir/step_<version>`` (collective; the directory appears only when
 complete, so a server never reads half a version) -> rank 0 has every server pause (abort mode:
@@ -21,7 +21,7 @@ from megatron.core.utils import unwrap_model
 
 from megatron_opsd.models.bridge import write_hf_model
 from megatron_opsd.parallel import broadcast_from_rank0
-from megatron_opsd.rollout.sglang.engine import SGLangEngine
+from megatron_opsd.rollout.remote.engine import RemoteEngine
 from megatron_opsd.rollout.sync.base import ProbeCheck
 
 
@@ -66,7 +66,7 @@ class OldVersions:
 class DiskSync:
     """Every server loads each version from ``root`` (``engine``: rank 0's, None elsewhere)."""
 
-    def __init__(self, engine: SGLangEngine | None, chunks: Sequence[torch.nn.Module], probe: ProbeCheck,
+    def __init__(self, engine: RemoteEngine | None, chunks: Sequence[torch.nn.Module], probe: ProbeCheck,
                  root: Path, keep_last: int, write_files: Callable[[Path], None]):
         self.engine, self.chunks, self.probe = engine, [unwrap_model(c) for c in chunks], probe
         self.root, self.write_files = root, write_files

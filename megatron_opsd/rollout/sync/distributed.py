@@ -191,7 +191,7 @@ class DistributedSync:
             self.group = None
         if self.engine is not None:
             for sender in self.senders:
-                self.engine.each_server(Server.destroy_weights_update_group, self.group_name(sender.stage))
+                self.engine.each_server("destroy_weights_update_group", self.group_name(sender.stage))
         self.connected = False
 
     # -- push ------------------------------------------------------------------------------------
@@ -234,8 +234,8 @@ class DistributedSync:
             if not self._all_ok(ok, pending):
                 return False
         if self.engine is not None:
-            self.engine.each_server(Server.end_weight_update, check=True)
-            self.engine.each_server(Server.resume, check=True)
+            self.engine.each_server("end_weight_update", check=True)
+            self.engine.each_server("resume", check=True)
             self.engine.check_versions(version)
         return True
 
@@ -256,7 +256,7 @@ class DistributedSync:
         """Every server loads ``version`` from disk, the failed ones restarted (collective); how many were."""
         self._disconnect()
         if self.engine is not None:
-            self.engine.each_server(Server.end_weight_update)  # a session left open (400 where none is)
+            self.engine.each_server("end_weight_update")  # a session left open (400 where none is)
         return self.disk.deliver(version, poisoned=self.failed)[1]
 
 

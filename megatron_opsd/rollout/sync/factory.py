@@ -9,6 +9,7 @@ import torch
 from megatron_opsd.rollout.embedded import EmbeddedEngine
 from megatron_opsd.rollout.engine import RolloutEngine
 from megatron_opsd.rollout.factory import EngineSection
+from megatron_opsd.rollout.remote.engine import RemoteEngine
 from megatron_opsd.rollout.sglang.config import SGLangEngineConfig
 from megatron_opsd.rollout.sglang.engine import SGLangEngine
 from megatron_opsd.rollout.sync.base import ProbeCheck, SyncConfig, WeightSync
@@ -16,7 +17,7 @@ from megatron_opsd.rollout.sync.disk import DiskSync
 from megatron_opsd.rollout.sync.distributed import DistributedSync
 from megatron_opsd.rollout.sync.inprocess import InProcessSync
 
-FEEDS = {"inprocess": EmbeddedEngine, "disk": SGLangEngine, "distributed": SGLangEngine}
+FEEDS = {"inprocess": EmbeddedEngine, "disk": RemoteEngine, "distributed": SGLangEngine}
 
 
 def build_weight_sync(cfg: SyncConfig, engine: RolloutEngine | None, chunks: Sequence[torch.nn.Module],

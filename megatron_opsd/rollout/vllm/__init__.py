@@ -1,0 +1,1 @@
+"""vLLM servers as the rollout engine: the OpenAI-compatible server with its RL control endpoints."""

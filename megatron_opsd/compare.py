@@ -93,8 +93,7 @@ def read_run(run_dir: Path, metric: str | None = None, label: str | None = None)
     if not points:
         logged = sorted({k for r in records for k in r if k.startswith("eval/")})
         raise CompareError(f"{path}: no {metric} logged (evaluated: {logged or 'nothing; is eval.data set?'})")
-    last = records[-1]["step"] if records else 0
-    return RunCurve(label or run_dir.name, algorithm, str(run_dir), tuple(points), last, tokens)
+    return RunCurve(label or run_dir.name, algorithm, str(run_dir), tuple(points), records[-1]["step"], tokens)
 
 
 def compare_runs(run_dirs: list[Path], metric: str | None = None, labels: list[str] | None = None) -> Comparison:

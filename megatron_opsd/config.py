@@ -115,6 +115,15 @@ def _tag(section: type[BaseModel], choices: tuple[type[BaseModel], ...]) -> str 
     return None if name is None else f"{name} {' | '.join(map(str, get_args(section.model_fields[name].annotation)))}"
 
 
+def _tags_of(sections: list[type[BaseModel]], choices: tuple[type[BaseModel], ...]) -> str | None:
+    """``kind sglang | vllm``: the tags of ``sections``, some of a choice."""
+    tag_field = _tag_field(choices)
+    if tag_field is None:
+        return None
+    values = [str(v) for s in sections for v in get_args(s.model_fields[tag_field].annotation)]
+    return f"{tag_field} {' | '.join(values)}"
+
+
 def _tag_key(choices: tuple[type[BaseModel], ...]) -> tuple[str, FieldInfo] | None:
     """The tag field of a choice as one key: every choice's value, each with its description."""
     name = _tag_field(choices)
@@ -133,19 +142,20 @@ def config_keys(schema: type[BaseModel], prefix: str = "") -> Iterator[ConfigKey
         key = prefix + (field.alias or name)
         sections, suffix = _nested(field.annotation)
         yield ConfigKey(key, field, sections[0] if sections else None)
-        shared = set.intersection(*(set(s.model_fields) for s in sections)) if sections else set()
         seen: set[str] = set()
         tag_key = _tag_key(sections) if len(sections) > 1 else None
         if tag_key is not None:
             seen.add(key + suffix + tag_key[0])
             yield ConfigKey(key + suffix + tag_key[0], tag_key[1])
-        for section in sections:
-            tag = _tag(section, sections) if len(sections) > 1 else None
-            for sub in config_keys(section, key + suffix):
+        subs = [list(config_keys(section, key + suffix)) for section in sections]
+        keysets = [{sub.key for sub in keys} for keys in subs]
+        for keys in subs:
+            for sub in keys:
                 if sub.key not in seen:
                     seen.add(sub.key)
-                    first = sub.key[len(key + suffix):].split(".")[0]
-                    yield sub if first in shared else dataclasses.replace(sub, variant=sub.variant or tag)
+                    having = [s for s, keyset in zip(sections, keysets, strict=True) if sub.key in keyset]
+                    yield sub if len(having) == len(sections) else dataclasses.replace(
+                        sub, variant=sub.variant or _tags_of(having, sections))
 
 
 def _type_name(annotation: Any) -> str:

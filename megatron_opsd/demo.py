@@ -50,9 +50,9 @@ def phase(base: Any, root: Path, name: str, **update: Any) -> Any:
     return base.model_copy(update={"run_dir": str(root / name), "checkpoint": checkpoint, **update})
 
 
-def with_algorithm(base: Any, name: str, sft: Any = None, **update: Any) -> Any:
-    """``base``'s algorithm section with algorithm ``name``, SFT settings ``sft`` (default: base's), plus ``update``."""
-    return base.algorithm.model_copy(update={"name": name, "sft": sft or base.algorithm.sft, **update})
+def with_algorithm(base: Any, name: str, sft: Any = None) -> Any:
+    """``base``'s algorithm section with algorithm ``name`` and SFT settings ``sft`` (default: base's)."""
+    return base.algorithm.model_copy(update={"name": name, "sft": sft or base.algorithm.sft})
 
 
 @dataclass(frozen=True)

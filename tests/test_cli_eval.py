@@ -134,3 +134,24 @@ def test_a_protocol_config_on_a_local_copy_of_a_set_without_solutions(model_dir,
     assert (report["config"]["temperature"], report["config"]["top_p"], report["config"]["top_k"]) == (1.0, 0.95, -1)
     assert [r["reference"] for r in report["problems"]] == [r["answer"] for r in arith]
     assert 0 < report["mean_response_tokens"] <= 8
+
+
+def test_eval_through_a_server_fleet_reports_what_the_embedded_engine_does(model_dir, tmp_path):
+    """The stand-in samples as the embedded engine does (the same seeds): the same report, from the HF
+    directory and from a Megatron checkpoint exported for the servers; no server outlives the run."""
+    from tests.processes import processes_matching
+
+    common = ["--data", TEST_DATA, "--k", "2", "eval.max_new_tokens=8", "limit=3", "eval.temperature=0.7"]
+    fleet = ["engine.kind=sglang", "engine.servers.count=1", "engine.servers.command=[python,-m,megatron_opsd.cli,serve]",
+             "engine.router.enabled=false", "engine.timeouts.startup_s=120"]
+    assert main(["eval", str(model_dir), *common, "--out", str(tmp_path / "embedded.json")]) == 0
+    megatron = tmp_path / "megatron"
+    assert main(["convert", "hf-to-megatron", "--hf-dir", str(model_dir), "--out", str(megatron)]) == 0
+    want = json.loads((tmp_path / "embedded.json").read_text())
+    before = set(processes_matching("megatron_opsd.cli serve"))
+    for name, source in (("hf", model_dir), ("megatron", megatron)):
+        assert main(["eval", str(source), *common, *fleet, "--out", str(tmp_path / f"{name}.json")]) == 0
+        got = json.loads((tmp_path / f"{name}.json").read_text())
+        for key in ("metrics", "mean_response_tokens", "no_answer_rate", "truncated_rate"):
+            assert got[key] == want[key], (name, key)
+    assert set(processes_matching("megatron_opsd.cli serve")) <= before

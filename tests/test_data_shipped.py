@@ -1,10 +1,8 @@
 """The shipped arithmetic data and tokenizer: correct, reproducible from the script, usable offline."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,11 +13,9 @@ DATA = REPO / "data"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("make_math_data", REPO / "tools" / "make_math_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    from tools import make_math_data
+
+    return make_math_data
 
 
 def _rows(split: str, task: str = "arith") -> list[dict]:

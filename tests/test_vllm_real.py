@@ -4,7 +4,8 @@ vllm-env``; CI requires it with OPSD_REQUIRE_VLLM=1, elsewhere the module is ski
 One fleet of two servers for the module: replies have the contract's shapes and are reproducible
 by seed; log-probs agree with the trainer's model; a reload without the tied-head re-pack is caught
 by the probe check, and the engine's reload is not; a server killed mid-batch loses and duplicates
-nothing; and a few OPSD steps of examples/tiny_cpu_vllm.yaml run through two servers.
+nothing; a few OPSD steps of examples/tiny_cpu_vllm.yaml run through two servers; and ``opsd eval``
+through a server reports what the embedded engine does (greedy).
 """
 from __future__ import annotations
 
@@ -176,3 +177,22 @@ def test_opsd_trains_through_two_real_servers(tmp_path, capsys):
     assert all(r["mismatch/logprob_abs_diff_max"] < 1e-3 for r in records if "mismatch/logprob_abs_diff_max" in r)
     assert any("eval/avg@1" in r for r in records)
     assert not processes_matching("vllm.entrypoints.openai.api_server", str(run))
+
+
+def test_eval_through_a_vllm_server_reports_what_the_embedded_engine_does(models, tmp_path):
+    import json
+
+    from megatron_opsd.cli import main
+
+    common = ["--data", str(REPO / "data" / "arith" / "test.jsonl"), "--k", "1", "eval.temperature=0",
+              "eval.max_new_tokens=12", "limit=6"]
+    server = ["engine.kind=vllm", "engine.servers.count=1", "engine.servers.args=[--enforce-eager]",
+              f"engine.servers.command=[{VLLM_PYTHON},-m,vllm.entrypoints.openai.api_server]",
+              'engine.servers.env={VLLM_CPU_KVCACHE_SPACE: "1"}']
+    assert main(["eval", str(models[0]), *common, "--out", str(tmp_path / "embedded.json")]) == 0
+    before = set(processes_matching("vllm.entrypoints.openai.api_server"))  # the module's fleet
+    assert main(["eval", str(models[0]), *common, *server, "--out", str(tmp_path / "vllm.json")]) == 0
+    want, got = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("embedded", "vllm"))
+    for key in ("metrics", "mean_response_tokens", "no_answer_rate", "truncated_rate"):
+        assert got[key] == want[key], key
+    assert set(processes_matching("vllm.entrypoints.openai.api_server")) <= before

@@ -5,16 +5,23 @@ checkpoint (``opsd convert hf-to-megatron`` output) or one step of a training ru
 (``checkpoint.dir/step_NNNNNN``; only its model weights are read: the student's, not the teacher's).
 A Megatron checkpoint is loaded into Megatron in this process (a world of one) and streamed into
 the embedded engine through the same HF-name exporter the trainer and the conversion tool use, so
-what is evaluated is exactly what the checkpoint holds. Problems are rendered with the eval prompt
-and graded by :func:`evaluate`; the JSON report records the model and data set it came from.
+what is evaluated is exactly what the checkpoint holds. With ``engine.kind`` ``sglang`` or ``vllm``
+the samples come from a server fleet instead (the trainer's ``rollout.engine`` keys), serving the
+HF directory, or the checkpoint exported to one in a temporary directory. Problems are rendered
+with the eval prompt and graded by :func:`evaluate`; the JSON report records the model and data
+set it came from.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import Field
 
@@ -24,7 +31,11 @@ from megatron_opsd.data.sources import DataConfig, DataError, Problem, load_prob
 from megatron_opsd.eval.evaluate import EvalConfig, evaluate, reference_of, write_report
 from megatron_opsd.fileio import unreadable_safetensors
 from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
+from megatron_opsd.rollout.engine import RolloutEngine
+from megatron_opsd.rollout.factory import SamplingEngineConfig, start_fleet
 from megatron_opsd.section import Section
+
+T = TypeVar("T")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -36,7 +47,9 @@ class EvalRunConfig(Section):
     tokenizer: str | None = Field(default=None, description="tokenizer directory; default: the model's own files")
     prompts: PromptConfig = PromptConfig()
     eval: EvalConfig = Field(default_factory=EvalConfig, description="sampling and metrics; --k sets eval.k")
-    engine: EmbeddedEngineConfig = EmbeddedEngineConfig()
+    engine: SamplingEngineConfig = Field(
+        default_factory=EmbeddedEngineConfig, description="what samples, by kind: embedded (this process; the "
+        "default), sglang or vllm (a server fleet, with the keys of the trainer's rollout.engine)")
     limit: int | None = Field(default=None, ge=1, description="evaluate only the first N usable problems")
 
 
@@ -64,8 +77,8 @@ def model_tokenizer(configured: str | None, model_files: Path) -> Any:
     return load_tokenizer(configured or model_files)
 
 
-def _engine_from_megatron(path: Path, cfg: EmbeddedEngineConfig) -> tuple[EmbeddedEngine, Path]:
-    """Load the checkpoint into Megatron (one process) and stream it into a fresh engine.
+def _from_megatron(path: Path, use: Callable[[list, Any, Path], T]) -> T:
+    """``use(chunks, hf_config, hf_dir)`` of the checkpoint loaded into Megatron (one process).
 
     Megatron is imported here, not at module level: it costs seconds that other commands should not pay.
     """
@@ -75,7 +88,6 @@ def _engine_from_megatron(path: Path, cfg: EmbeddedEngineConfig) -> tuple[Embedd
 
     from megatron_opsd.fileio import CheckpointError
     from megatron_opsd.models import UnsupportedConfigError, build_model, checkpoint, checkpoint_dtype, load_hf_config
-    from megatron_opsd.models.bridge import model_hf_tensors
     from megatron_opsd.parallel import Layout, initialize
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -87,34 +99,81 @@ def _engine_from_megatron(path: Path, cfg: EmbeddedEngineConfig) -> tuple[Embedd
         try:
             chunks = build_model(config, checkpoint_dtype(config))
             checkpoint.load(chunks, path)
-            engine = EmbeddedEngine.from_hf_config(config, cfg)
-            engine.update_weights(model_hf_tensors(chunks), version=0)
+            return use(chunks, config, hf_dir)
         finally:
             parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
     except (OSError, CheckpointError, CheckpointingException, UnsupportedConfigError) as exc:
         raise ModelError(f"cannot load Megatron checkpoint {path}: {exc}") from exc
-    return engine, hf_dir
 
 
-def open_model(path: Path, cfg: EmbeddedEngineConfig) -> tuple[EmbeddedEngine, Path]:
-    """The engine for ``path`` and the directory holding its config and tokenizer files."""
+def _into_embedded(cfg: EmbeddedEngineConfig) -> Callable[[list, Any, Path], tuple[EmbeddedEngine, Path]]:
+    def load(chunks: list, config: Any, hf_dir: Path) -> tuple[EmbeddedEngine, Path]:
+        from megatron_opsd.models.bridge import model_hf_tensors
+
+        engine = EmbeddedEngine.from_hf_config(config, cfg)
+        engine.update_weights(model_hf_tensors(chunks), version=0)
+        return engine, hf_dir
+
+    return load
+
+
+def _into_hf_dir(out: Path) -> Callable[[list, Any, Path], Path]:
+    """Write the checkpoint as an HF directory ``out`` (its config and tokenizer files beside the weights)."""
+    def export(chunks: list, _: Any, hf_dir: Path) -> Path:
+        from megatron_opsd.models.bridge import write_hf_model
+
+        def copy_files(tmp: Path) -> None:
+            for file in hf_dir.iterdir():
+                if file.is_file() and not file.name.endswith(".safetensors") and file.name != "model.safetensors.index.json":
+                    shutil.copy(file, tmp / file.name)
+
+        return write_hf_model(chunks, out, copy_files)
+
+    return export
+
+
+def _hf_dir_or_checkpoint(path: Path) -> bool:
+    """True for an intact HF directory, False for a Megatron checkpoint; a ModelError for anything else."""
     if not path.is_dir():
         raise ModelError(f"model directory {path} does not exist")
     if (path / "config.json").is_file():
         damaged = unreadable_safetensors(path)
         if damaged:
             raise ModelError(f"cannot load Hugging Face model {path}: " + "; ".join(damaged))
-        try:
-            return EmbeddedEngine.from_pretrained(path, cfg), path
-        except OSError as exc:  # what transformers raises for missing or unreadable files
-            raise ModelError(f"cannot load Hugging Face model {path}: {exc}") from exc
+        return True
     if (path / "metadata.json").is_file():
-        return _engine_from_megatron(path, cfg)
+        return False
     raise ModelError(
         f"{path} is neither a Hugging Face model directory (config.json) nor a Megatron checkpoint (metadata.json "
         f"and hf/config.json, as written by opsd convert hf-to-megatron, or a step_NNNNNN directory that opsd train "
         f"writes under checkpoint.dir)")
+
+
+@contextmanager
+def open_model(path: Path, cfg: Any) -> Iterator[tuple[RolloutEngine, Path, int]]:
+    """The engine ``cfg`` names sampling from the model at ``path``, the directory holding the
+    model's config and tokenizer files, and its context length; a fleet is stopped on leaving."""
+    hf = _hf_dir_or_checkpoint(path)
+    if cfg.kind == "embedded":
+        if hf:
+            try:
+                engine = EmbeddedEngine.from_pretrained(path, cfg)
+            except OSError as exc:  # what transformers raises for missing or unreadable files
+                raise ModelError(f"cannot load Hugging Face model {path}: {exc}") from exc
+            yield engine, path, engine.context_length
+        else:
+            engine, hf_dir = _from_megatron(path, _into_embedded(cfg))
+            yield engine, hf_dir, engine.context_length
+        return
+    with tempfile.TemporaryDirectory(prefix="opsd-eval-") as tmp:
+        served = path if hf else _from_megatron(path, _into_hf_dir(Path(tmp) / "model"))
+        config = json.loads((served / "config.json").read_text())
+        engine = start_fleet(cfg, served, Path(tmp) / "logs", int(config["vocab_size"]))
+        try:
+            yield engine, served, int(config["max_position_embeddings"])
+        finally:
+            engine.close()
 
 
 def _check_problems(problems: list[Problem], builder: PromptBuilder, cfg: EvalRunConfig, context: int, label: str) -> None:
@@ -140,11 +199,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(EvalRunConfig, args.config, [*flags, *args.overrides])
     problems = load_problems(cfg.data)
     chosen = list(problems.problems[:cfg.limit])
-    engine, model_files = open_model(args.model, cfg.engine)
-    builder = PromptBuilder(model_tokenizer(cfg.tokenizer, model_files), cfg.prompts)
-    _check_problems(chosen, builder, cfg, engine.context_length, problems.label)
-
-    report = evaluate(engine, chosen, builder, cfg.eval, progress=True)
+    with open_model(args.model, cfg.engine) as (engine, model_files, context):
+        builder = PromptBuilder(model_tokenizer(cfg.tokenizer, model_files), cfg.prompts)
+        _check_problems(chosen, builder, cfg, context, problems.label)
+        report = evaluate(engine, chosen, builder, cfg.eval, progress=True)
     report = {"model": str(args.model.resolve()), "data": problems.label, **report}
     write_report(args.out, report)
     k = cfg.eval.k

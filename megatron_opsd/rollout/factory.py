@@ -25,9 +25,14 @@ def _kind(value: Any) -> str:
 
 
 EngineSection = EmbeddedEngineConfig | RecordedEngineConfig | SGLangEngineConfig | VLLMEngineConfig
+FleetSection = SGLangEngineConfig | VLLMEngineConfig
 EngineConfig = Annotated[Annotated[EmbeddedEngineConfig, Tag("embedded")] | Annotated[RecordedEngineConfig, Tag("recorded")]
                          | Annotated[SGLangEngineConfig, Tag("sglang")] | Annotated[VLLMEngineConfig, Tag("vllm")],
                          Discriminator(_kind)]
+# The engines that sample from a model's weights (what ``opsd eval`` may use).
+SamplingEngineConfig = Annotated[Annotated[EmbeddedEngineConfig, Tag("embedded")]
+                                 | Annotated[SGLangEngineConfig, Tag("sglang")] | Annotated[VLLMEngineConfig, Tag("vllm")],
+                                 Discriminator(_kind)]
 
 
 def build_engine(cfg: EngineSection, hf_config: PretrainedConfig,
@@ -42,19 +47,27 @@ def build_engine(cfg: EngineSection, hf_config: PretrainedConfig,
     model_dir = workdir / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     write_model_files(model_dir)
+    return start_fleet(cfg, model_dir, workdir / "logs", hf_config.vocab_size, load_format="dummy")
+
+
+def start_fleet(cfg: FleetSection, model_dir: Path, log_dir: Path, vocab_size: int,
+                load_format: str | None = None) -> RolloutEngine:
+    """The engine over the servers of ``cfg`` (started here or adopted) serving the HF directory
+    ``model_dir`` as weight version 0 (``load_format`` ``dummy``: random weights from its config);
+    their logs in ``log_dir``. A fleet that fails to start stops the servers that did."""
     api_key = os.environ.get(API_KEY_ENV) or (None if cfg.urls else secrets.token_urlsafe(24))
     if cfg.kind == "vllm":
         from megatron_opsd.rollout.vllm.engine import VLLMEngine, VLLMFleet
 
-        fleet, engine_type = VLLMFleet(cfg, workdir / "logs", api_key), VLLMEngine
+        fleet, engine_type = VLLMFleet(cfg, log_dir, api_key), VLLMEngine
     else:
         from megatron_opsd.rollout.sglang.engine import SGLangEngine
         from megatron_opsd.rollout.sglang.fleet import Fleet
 
-        fleet, engine_type = Fleet(cfg, workdir / "logs", api_key), SGLangEngine
+        fleet, engine_type = Fleet(cfg, log_dir, api_key), SGLangEngine
     try:
-        fleet.start(str(model_dir), version=0, load_format="dummy")
+        fleet.start(str(model_dir), version=0, load_format=load_format)
     except BaseException:
-        fleet.stop()  # the servers that did start
+        fleet.stop()
         raise
-    return engine_type(fleet, cfg, hf_config.vocab_size, run_id=secrets.token_hex(4))
+    return engine_type(fleet, cfg, vocab_size, run_id=secrets.token_hex(4))

@@ -3,8 +3,8 @@
 Requests are balanced here, not by a router: each attempt goes to the live server with the fewest
 requests of this engine in flight, and a server that failed an attempt gets no more of the call's
 attempts, so a dead server's samples are asked again on the others at once. (sglang-router would
-add a process and a hop, and its worker registration reads SGLang's ``/server_info`` and
-``/model_info``, which vLLM does not serve.)
+add a process and a hop, and its worker registration reads SGLang's ``/model_info``, which vLLM
+0.32 does not serve; its ``/server_info`` has other fields.)
 
 Weight versions: vLLM's completion replies do not name the weights that sampled them. A weight
 sync pauses every server in abort mode first, so a reply that completes was sampled with one

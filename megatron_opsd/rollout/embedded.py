@@ -265,40 +265,42 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     """(token, log-prob) per row of ``logits`` [B, V] (fp32); row ``r`` draws from ``generators[r]``.
 
     With top-k, the top-p nucleus is cut from the k survivors (``torch.topk`` returns them sorted)
-    instead of sorting the whole vocabulary, and the race runs over them alone: the same tokens as
-    ``softmax(truncate(...))`` over the vocabulary (tested). Each row still draws one Exp(1) noise per
-    vocabulary entry, so its random stream, and with it every later token, is what it always was.
+    instead of sorting the whole vocabulary, and the race runs over them alone, with one Exp(1)
+    draw per survivor: the distribution of ``softmax(truncate(...))`` over the vocabulary (tested),
+    at k draws per token instead of V. A row with ties at its k-th value (``truncate`` keeps them
+    all) races over the whole vocabulary, V draws; which path a row takes depends on its own logits
+    only, so its random stream, and its rollout, does not depend on the batch around it.
     """
     if params.temperature == 0:
         token = logits.argmax(-1)
         return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
     scaled = logits / params.temperature
     logprobs = torch.log_softmax(scaled, -1)
-    noise = torch.empty_like(scaled)
-    for row, generator in zip(noise, generators, strict=True):
-        row.exponential_(generator=generator)
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # an Exp(1) draw can be 0
-    survivors = _top_k_survivors(scaled, params.top_k)
-    if survivors is None:
-        token = (torch.softmax(truncate(scaled, params.top_k, params.top_p), -1) / noise).argmax(-1)
-    else:
-        values, index = survivors
-        if params.top_p < 1:
-            values = values.masked_fill(_outside_nucleus(values, params.top_p), float("-inf"))
-        race = values.softmax(-1) / noise.gather(-1, index)
-        token = index.gather(-1, race.argmax(-1, keepdim=True))[:, 0]
+    token = torch.empty(scaled.shape[0], dtype=torch.long, device=scaled.device)
+    whole = torch.ones(scaled.shape[0], dtype=torch.bool, device=scaled.device)  # rows racing the whole vocabulary
+    if 0 < params.top_k < scaled.shape[-1]:
+        values, index = torch.topk(scaled, params.top_k, dim=-1)
+        whole = (scaled >= values[:, -1:]).sum(-1) > params.top_k  # ties at the k-th value
+        rows = (~whole).nonzero()[:, 0]
+        if len(rows):
+            values, index = values[rows], index[rows]
+            if params.top_p < 1:
+                values = values.masked_fill(_outside_nucleus(values, params.top_p), float("-inf"))
+            race = values.softmax(-1) / _exponential(values, [generators[r] for r in rows.tolist()])
+            token[rows] = index.gather(-1, race.argmax(-1, keepdim=True))[:, 0]
+    rows = whole.nonzero()[:, 0]
+    if len(rows):
+        probs = torch.softmax(truncate(scaled[rows], params.top_k, params.top_p), -1)
+        token[rows] = (probs / _exponential(probs, [generators[r] for r in rows.tolist()])).argmax(-1)
     return token, logprobs.gather(-1, token[:, None])[:, 0]
 
 
-def _top_k_survivors(scaled: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The top-k values (descending) and their indices, or None when top-k is off or some row has
-    ties at its k-th value (``truncate`` keeps them all: such a batch takes the full-vocabulary path)."""
-    if not 0 < top_k < scaled.shape[-1]:
-        return None
-    values, index = torch.topk(scaled, top_k, dim=-1)
-    if bool(((scaled >= values[:, -1:]).sum(-1) > top_k).any()):
-        return None
-    return values, index
+def _exponential(like: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Exp(1) noise shaped like ``like``, row ``r`` drawn from ``generators[r]`` (never 0)."""
+    noise = torch.empty_like(like)
+    for row, generator in zip(noise, generators, strict=True):
+        row.exponential_(generator=generator)
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
 
 
 def _outside_nucleus(ordered: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -29,8 +29,12 @@ class Endpoint:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def _http(self) -> httpx.Client:
+        """The control calls' client: a new connection per call. Calls come seconds or minutes apart,
+        and a kept-alive connection the server closes as idle (uvicorn: after 5 s) just as a call reuses
+        it fails that call ("Server disconnected without sending a response"), as seen in CI."""
         if self._client is None:
-            self._client = httpx.Client(base_url=self.url, headers=self.headers, timeout=self.timeout_s)
+            self._client = httpx.Client(base_url=self.url, headers=self.headers, timeout=self.timeout_s,
+                                        limits=httpx.Limits(max_keepalive_connections=0))
         return self._client
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, *, timeout_s: float | None = None,

@@ -11,9 +11,10 @@ each sync >= 0.5x its raw figure).
 - distributed: ``DistributedSync.push`` (bucketed gathers, HTTP calls and broadcasts, version
   check; its groups already connected) against raw gloo broadcasts of the same bytes in the same
   bucket sizes from this process to two receiver processes;
-- with ``--vllm PYTHON`` (the interpreter of a vLLM environment: ``make vllm-env``), the disk sync
-  into two real vLLM servers too (pause, in-place reload, version, resume), against the same raw
-  write + read measured in turns with it.
+- with ``--vllm PYTHON`` (the interpreter of a vLLM environment: ``make vllm-env``), the syncs into
+  two real vLLM servers too: by disk (pause, in-place reload, version, resume) against the same raw
+  write + read measured in turns with it, and by vLLM's weight-transfer protocol over the servers'
+  gloo backend (``VLLMTransferSync``: one tensor per broadcast) against the raw gloo broadcast.
 Each figure is the median of ``--repeats``; the syncs' after one push more (the first touches the
 servers' memory, or connects the groups). The sync times do not include the probe check that
 follows each push (a forward pass, not a transfer).
@@ -52,6 +53,7 @@ from megatron_opsd.rollout.sglang.weight_group import init_weight_group
 from megatron_opsd.rollout.sync.base import ProbeCheck, SyncConfig
 from megatron_opsd.rollout.sync.disk import DiskSync
 from megatron_opsd.rollout.sync.distributed import DistributedSync
+from megatron_opsd.rollout.sync.vllm_transfer import VLLMTransferSync
 from megatron_opsd.rollout.vllm.config import VLLMEngineConfig
 from megatron_opsd.rollout.vllm.engine import VLLMEngine, VLLMFleet
 
@@ -125,22 +127,32 @@ def median_sync(runs: list[dict[str, float]]) -> tuple[float, dict[str, float]]:
     return total(metrics), metrics
 
 
-def vllm_disk_syncs(python: str, chunks, probe, root: Path, tensors: dict[str, torch.Tensor], hf_config,
-                    repeats: int) -> tuple[list[dict[str, float]], list[tuple[float, float]]]:
-    """The disk syncs into two real vLLM servers (their model directory with the repo's tokenizer)."""
+def vllm_syncs(python: str, chunks, probe, root: Path, tensors: dict[str, torch.Tensor], hf_config,
+               repeats: int) -> tuple[list[dict[str, float]], list[tuple[float, float]], float]:
+    """The disk syncs into two real vLLM servers (their model directory with the repo's tokenizer),
+    and the median seconds of their transfer syncs (after one that connects the group)."""
     model = root / "vllm_model"
     hf_config.save_pretrained(model)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(REPO / "data" / "tokenizer" / name, model / name)
     cfg = VLLMEngineConfig.model_validate({
         "kind": "vllm", "servers": {"count": 2, "command": [python, "-m", "vllm.entrypoints.openai.api_server"],
-                                    "args": ["--enforce-eager"], "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+                                    "args": ["--enforce-eager"], "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+                                    "weight_transfer": "gloo"},
         "timeouts": {"startup_s": 600, "request_s": 600, "control_s": 600}})
     fleet = VLLMFleet(cfg, root / "vllm_logs", api_key="bench")
     try:
         fleet.start(str(model), version=0, load_format="dummy")
         engine = VLLMEngine(fleet, cfg, hf_config.vocab_size, run_id="bench")
-        return disk_syncs(engine, chunks, probe, root / "vllm", tensors, hf_config.save_pretrained, repeats)
+        runs, raws = disk_syncs(engine, chunks, probe, root / "vllm", tensors, hf_config.save_pretrained, repeats)
+        transfer = VLLMTransferSync(engine, chunks, probe, SyncConfig(kind="distributed"), root / "vllm_weights",
+                                    hf_config.save_pretrained, "127.0.0.1", "gloo", 600)
+        first = 2 + repeats
+        transfer.push(version=first)  # connects the group
+        seconds = [transfer.push(version=v) for v in range(first + 1, first + 1 + repeats)]
+        if any(m["weight_sync/servers_restarted"] for m in seconds):
+            raise RuntimeError(f"a vLLM transfer sync fell back to disk: {seconds}")
+        return runs, raws, statistics.median(m["time/weight_sync"] for m in seconds)
     finally:
         fleet.stop()
 
@@ -200,7 +212,7 @@ def main() -> None:
                                        for v in range(first + 1, first + 1 + args.repeats))
         finally:
             engine.close()
-        vllm = vllm_disk_syncs(args.vllm, chunks, probe, root, tensors, hf_config, args.repeats) if args.vllm else None
+        vllm = vllm_syncs(args.vllm, chunks, probe, root, tensors, hf_config, args.repeats) if args.vllm else None
     quiet_s, quiet_write = sorted(raws)[len(raws) // 2]
     raw_disk_s, raw_write = sorted(raws_in_turn)[len(raws_in_turn) // 2]
     disk_s, disk_metrics = median_sync(disk_runs)
@@ -223,6 +235,8 @@ def main() -> None:
               f"(export {vllm_metrics['time/weight_sync_write']:.2f} s, pause + reload + version + resume "
               f"{vllm_metrics['time/weight_sync_load']:.2f} s)  ratio {vllm_raw / vllm_s:.2f} against the raw in "
               f"turns with it ({vllm_raw:.2f} s)")
+        print(f"  vLLM transfer sync (gloo)           {vllm[2]:6.2f} s  {nbytes / GB / vllm[2]:5.2f} GB/s"
+              f"  ratio {raw_dist / vllm[2]:.2f} against the raw gloo broadcast")
 
 
 if __name__ == "__main__":

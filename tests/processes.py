@@ -1,7 +1,11 @@
-"""Processes of this machine, found by their command lines (to check that none outlives a run)."""
+"""Processes of this machine, found by their command lines (to check that none outlives a run), and
+the interpreter of the vLLM environment the real-server tests start servers with."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+VLLM_PYTHON = Path(os.environ.get("OPSD_VLLM_PYTHON", Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"))
 
 
 def processes_matching(*words: str) -> list[int]:

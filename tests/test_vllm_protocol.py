@@ -71,8 +71,14 @@ def test_config_rules_of_the_vllm_engine():
     example = REPO / "examples" / "tiny_cpu_vllm.yaml"
     cfg = load_train(example)
     assert cfg.rollout.engine.kind == "vllm" and cfg.rollout.engine.fleet_size == 2
-    with pytest.raises(ConfigError, match="rollout.engine.kind=vllm needs rollout.sync.kind disk"):
+    with pytest.raises(ConfigError, match="rollout.engine.kind=vllm needs rollout.sync.kind disk or distributed"):
+        load_train(example, "rollout.sync.kind=inprocess")
+    with pytest.raises(ConfigError, match="needs rollout.engine.servers.weight_transfer"):
         load_train(example, "rollout.sync.kind=distributed")
+    with pytest.raises(ConfigError, match="rollout.sync.backend=nccl differs from the servers'"):
+        load_train(example, "rollout.sync.kind=distributed", "rollout.engine.servers.weight_transfer=gloo",
+                   "rollout.sync.backend=nccl")
+    load_train(example, "rollout.sync.kind=distributed", "rollout.engine.servers.weight_transfer=gloo")
     with pytest.raises(ConfigError, match="vLLM reports them only without top-k / top-p"):
         load_train(example, "algorithm.name=grpo", "algorithm.grpo.old=rollout")
     load_train(example, "algorithm.name=grpo", "algorithm.grpo.old=rollout", "rollout.top_k=-1", "rollout.top_p=1")
@@ -85,3 +91,15 @@ def test_an_adopted_server_serving_another_model_name_is_refused_with_the_flags_
     with pytest.raises(FleetError, match=r"serves \['Qwen/Qwen3-8B'\], not 'opsd': start it with --served-model-name "
                                          r"opsd --logprobs-mode processed_logprobs --worker-extension-cls"):
         VLLMFleet(cfg, tmp_path, None).serving(member, 0)
+
+
+@pytest.mark.parametrize(("transfer", "backend"), [("nccl", "nccl"), ("gloo", "opsd_gloo"), (None, None)])
+def test_servers_open_the_weight_transfer_backend_the_config_names(tmp_path, transfer, backend):
+    import json
+
+    cfg = VLLMEngineConfig.model_validate({"kind": "vllm", "servers": {"weight_transfer": transfer}})
+    command = VLLMFleet(cfg, tmp_path, None).server_command("/m", 8000, 0, None)
+    if backend is None:
+        assert "--weight-transfer-config" not in command
+    else:
+        assert json.loads(command[command.index("--weight-transfer-config") + 1]) == {"backend": backend}

@@ -23,18 +23,17 @@ from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_opsd.rollout.engine import ProbeMismatchError, Rollout, SamplingParams
 from megatron_opsd.rollout.vllm.config import VLLMEngineConfig
 from megatron_opsd.rollout.vllm.engine import VLLMEngine, VLLMFleet
-from tests.processes import processes_matching
+from tests.processes import VLLM_PYTHON, processes_matching
 from tests.tiny_models import save_tiny_model
 from tests.train_configs import REPO
 
-VLLM_PYTHON = Path(os.environ.get("OPSD_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 if not VLLM_PYTHON.is_file():
     if os.environ.get("OPSD_REQUIRE_VLLM") == "1":
         raise RuntimeError(f"OPSD_REQUIRE_VLLM=1 but there is no vLLM interpreter at {VLLM_PYTHON} (make vllm-env)")
     pytest.skip(f"no vLLM environment at {VLLM_PYTHON} (make vllm-env)", allow_module_level=True)
 
 SERVER = {"command": [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server"], "args": ["--enforce-eager"],
-          "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+          "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}, "weight_transfer": "gloo"}
 TIMEOUTS = {"startup_s": 300, "request_s": 120, "control_s": 120, "retries": 3}
 PROMPTS = [[1, 5, 9, 3], [7, 7, 2, 8, 4, 6], [3, 1], [9, 9, 9, 4, 2, 1, 5]]
 FULL = SamplingParams(temperature=0.9, top_p=1.0, top_k=-1, max_new_tokens=16, stop_token_ids=(17, 23), seed=11, n=2)
@@ -112,17 +111,24 @@ def test_logprobs_agree_with_the_trainers_model(engine, embedded):
         engine.logprobs([PROMPTS[0]], temperature=0.7)
 
 
-def test_the_probe_check_catches_the_tied_head_reload_bug_and_the_engines_reload_fixes_it(engine, models):
+def _trainer(model: Path) -> list[torch.nn.Module]:
+    """A one-rank trainer's model chunks holding ``model``'s weights."""
     from transformers import AutoConfig
 
     from megatron_opsd.models import build_model
     from megatron_opsd.models.bridge import load_hf_weights
     from megatron_opsd.parallel import Layout, initialize
-    from megatron_opsd.rollout.sync.base import ProbeCheck
 
     initialize(Layout())
-    chunks = build_model(AutoConfig.from_pretrained(models[1]), torch.float32)
-    load_hf_weights(chunks, models[1])  # the trainer now holds model b
+    chunks = build_model(AutoConfig.from_pretrained(model), torch.float32)
+    load_hf_weights(chunks, model)
+    return chunks
+
+
+def test_the_probe_check_catches_the_tied_head_reload_bug_and_the_engines_reload_fixes_it(engine, models):
+    from megatron_opsd.rollout.sync.base import ProbeCheck
+
+    chunks = _trainer(models[1])  # the trainer now holds model b
     probe = ProbeCheck(chunks, list(range(1, 41)), 1.0, 1e-3, 1000)
     engine.each_server("pause", check=True)
     engine.each_server("reload", str(models[1]), False, check=True)  # vLLM's reload alone
@@ -156,6 +162,62 @@ def test_server_killed_mid_batch_loses_and_duplicates_nothing(engine, embedded):
     engine.restart_dead()  # before the next generate: restarted from the newest weights
     assert victim.alive() and victim.server.weight_version() == "3"
     assert _worst_rollout_logprob_gap(engine.generate(PROMPTS, FULL), embedded[0], 0.9) < 1e-4
+
+
+def test_weights_broadcast_by_vllms_weight_transfer_and_a_dead_server_is_restarted_from_disk(engine, models, tmp_path):
+    """rollout.sync.kind distributed: vLLM's transfer protocol (its routes, init info, update metadata
+    and layerwise reload) over the gloo backend the worker extension registers; a server that died
+    has the version go by disk (restarting it), and the next push broadcasts again to both."""
+    from megatron_opsd.models.bridge import load_hf_weights
+    from megatron_opsd.rollout.sync.base import ProbeCheck, SyncConfig
+    from megatron_opsd.rollout.sync.vllm_transfer import VLLMTransferSync
+
+    def write_files(out: Path) -> None:
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(models[0] / name, out / name)
+
+    chunks = _trainer(models[1])
+    probe = ProbeCheck(chunks, list(range(1, 41)), 1.0, 1e-3, 1000)
+    root = tmp_path / "weights"
+    sync = VLLMTransferSync(engine, chunks, probe, SyncConfig(kind="distributed"), root, write_files, "127.0.0.1",
+                            "gloo", 120)
+    metrics = sync.push(4)
+    assert metrics["weight_sync/servers_restarted"] == 0 and metrics["probe/logprob_abs_diff_max"] < 1e-4
+    assert [s.weight_version() for s in engine.fleet.servers] == ["4", "4"] and not root.exists()  # nothing on disk
+
+    load_hf_weights(chunks, models[0])
+    victim = engine.fleet.members[0]
+    os.killpg(victim.process.pid, signal.SIGKILL)
+    victim.process.wait(30)
+    metrics = sync.push(5)
+    assert metrics["weight_sync/servers_restarted"] == 1 and metrics["probe/logprob_abs_diff_max"] < 1e-4
+    assert victim.alive() and (root / "step_000005").is_dir()
+
+    load_hf_weights(chunks, models[1])
+    metrics = sync.push(6)  # a new group with both servers
+    assert metrics["weight_sync/servers_restarted"] == 0 and metrics["probe/logprob_abs_diff_max"] < 1e-4
+    assert not (root / "step_000006").exists()
+    assert [s.weight_version() for s in engine.fleet.servers] == ["6", "6"]
+    sync.close()
+    assert engine.load_from_disk(models[0], version=7) == []  # back to a
+
+
+@pytest.fixture(scope="module")
+def two_rank_pushes(tmp_path_factory) -> dict[str, dict]:
+    from tests.distributed import launch
+    from tests.workers.trainer_common import write_inputs
+
+    work = tmp_path_factory.mktemp("vllm_transfer")
+    hf_dir = _model(work / "hf", 2)
+    write_inputs(work, hf_dir)
+    return launch("tests.workers.vllm_transfer", 2, work, "--hf-dir", str(hf_dir), "--work", str(work))
+
+
+@pytest.mark.parametrize("name", ["vllm_transfer_pp2", "vllm_transfer_tp2"])
+def test_a_two_rank_trainer_broadcasts_to_a_real_server(two_rank_pushes, name):
+    from tests.distributed import assert_check
+
+    assert_check(two_rank_pushes, name)
 
 
 def test_opsd_trains_through_two_real_servers(tmp_path, capsys):

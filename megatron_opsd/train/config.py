@@ -28,7 +28,7 @@ from megatron_opsd.train.checkpoint import CheckpointConfig
 from megatron_opsd.train.optim import OptimConfig
 from megatron_opsd.train.step import StepConfig
 
-SYNC_KINDS = {"embedded": ("inprocess",), "recorded": ("none",), "sglang": ("disk", "distributed"), "vllm": ("disk",)}
+SYNC_KINDS = {"embedded": ("inprocess",), "recorded": ("none",), "sglang": ("disk", "distributed"), "vllm": ("disk", "distributed")}
 
 
 class ParallelConfig(Section):
@@ -117,6 +117,14 @@ class TrainConfig(Section):
         if sync.kind not in SYNC_KINDS[engine]:
             raise ValueError(f"rollout.engine.kind={engine} needs rollout.sync.kind {' or '.join(SYNC_KINDS[engine])}, "
                              f"not {sync.kind}")
+        if engine == "vllm" and sync.kind == "distributed":
+            transfer = self.rollout.engine.servers.weight_transfer
+            if transfer is None:
+                raise ValueError("rollout.sync.kind=distributed to vLLM servers needs rollout.engine.servers."
+                                 "weight_transfer (nccl on GPUs, gloo on CPUs): the backend they open at start-up")
+            if sync.backend not in ("auto", transfer):
+                raise ValueError(f"rollout.sync.backend={sync.backend} differs from the servers' "
+                                 f"rollout.engine.servers.weight_transfer={transfer}")
         if (engine == "vllm" and self.algorithm.name == "grpo" and self.algorithm.grpo.old == "rollout"
                 and self.rollout.temperature > 0 and (self.rollout.top_k != -1 or self.rollout.top_p < 1)):
             raise ValueError("algorithm.grpo.old=rollout takes the sampler's log-probs of the untruncated distribution; "

@@ -2,6 +2,8 @@
 requests in flight, timeouts, and the servers' common keys."""
 from __future__ import annotations
 
+import sys
+
 from pydantic import Field, model_validator
 
 from megatron_opsd.section import Section
@@ -19,6 +21,11 @@ class ServersSection(Section):
     tp: int = Field(default=1, ge=1, description="tensor-parallel size of each server")
     args: list[str] = Field(default_factory=list, description="more flags for every server")
     base_port: int | None = Field(default=None, ge=1, description="server i listens on base_port + i; None: free ports")
+    command: list[str]  # each engine's section names its server's entry point
+
+    def program(self) -> list[str]:
+        """``command``, its ``python`` being this interpreter."""
+        return [sys.executable if self.command[0] == "python" else self.command[0], *self.command[1:]]
 
 
 class RemoteEngineSection(Section):

@@ -67,6 +67,17 @@ class RemoteEngine(Generic[E]):
         MalformedReplyError when it failed."""
         raise NotImplementedError
 
+    def _score(self, server: E, ids: Sequence[int], temperature: float, rid: str) -> list[float]:
+        """The log-probs of ``ids[1:]`` given what precedes each, from ``server`` (request ``rid``)."""
+        raise NotImplementedError
+
+    def logprobs(self, sequences: Sequence[Sequence[int]], temperature: float = 1.0) -> list[torch.Tensor]:
+        """Teacher-forced log-probs on server 0 (the servers hold the same weights: each sync
+        checks their versions)."""
+        server = self.fleet.servers[0]
+        return [torch.tensor(self._score(server, ids, temperature, f"{self.run_id}-probe{next(self._calls):06d}-{i}"))
+                for i, ids in enumerate(sequences)]
+
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Rollout]]:
         self.restart_dead()
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())

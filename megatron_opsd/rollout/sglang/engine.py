@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import httpx
-import torch
 
 from megatron_opsd.rollout.engine import Rollout, SamplingParams
 from megatron_opsd.rollout.remote.engine import RemoteEngine, RolloutError
@@ -27,18 +26,12 @@ class SGLangEngine(RemoteEngine[Server]):
         reply = await endpoint.generate(clients, generate_request(prompt, params, rid, seed), self.cfg.timeouts.request_s)
         return parse_generate(reply, rid, self.vocab_size, f"{endpoint.url} rid {rid}")
 
-    def logprobs(self, sequences: Sequence[Sequence[int]], temperature: float = 1.0) -> list[torch.Tensor]:
-        """Teacher-forced log-probs through ``/generate`` with ``logprob_start_len=0`` on server 0
-        (the servers hold the same weights: each sync checks their versions)."""
-        server = self.fleet.servers[0]
+    def _score(self, server: Server, ids: Sequence[int], temperature: float, rid: str) -> list[float]:
+        """Through ``/generate`` with ``logprob_start_len=0``."""
         greedy = temperature < GREEDY_BELOW
         params = SamplingParams(temperature=0.0 if greedy else temperature, top_p=1.0, top_k=-1, max_new_tokens=1)
-        out = []
-        for i, ids in enumerate(sequences):
-            rid = f"{self.run_id}-probe{next(self._calls):06d}-{i}"
-            reply = server.call("POST", "/generate", generate_request(ids, params, rid, seed=0, logprob_start_len=0))
-            out.append(torch.tensor(parse_input_logprobs(reply, rid, ids, f"{server.url} rid {rid}")))
-        return out
+        reply = server.call("POST", "/generate", generate_request(ids, params, rid, seed=0, logprob_start_len=0))
+        return parse_input_logprobs(reply, rid, ids, f"{server.url} rid {rid}")
 
 
 __all__ = ["RolloutError", "SGLangEngine"]

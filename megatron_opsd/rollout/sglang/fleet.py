@@ -113,8 +113,7 @@ def server_command(cfg: SGLangEngineConfig, model_path: str, host: str, port: in
     """The command line of one server of ``cfg`` (``servers.command`` and the flags both it and
     ``sglang.launch_server`` take); 'python' is this interpreter."""
     servers = cfg.servers
-    program = [sys.executable if servers.command[0] == "python" else servers.command[0], *servers.command[1:]]
-    command = [*program, "--model-path", model_path, "--host", host, "--port", str(port),
+    command = [*servers.program(), "--model-path", model_path, "--host", host, "--port", str(port),
                "--tp-size", str(servers.tp), "--mem-fraction-static", str(servers.mem_fraction),
                "--weight-version", str(version), "--skip-tokenizer-init", *extra, *servers.args]
     if load_format:

@@ -8,7 +8,8 @@ communication stays on the trainer's side; engines only ever see HF-named tensor
 Strategies (``rollout.sync.kind``):
 - ``inprocess``: the embedded engine in global rank 0's process (``inprocess.py``);
 - ``disk``: an HF directory per version on a path the servers share (``disk.py``);
-- ``distributed``: buckets broadcast from each pipeline stage to every server (``distributed.py``);
+- ``distributed``: broadcast to every server: SGLang's buckets from each pipeline stage
+  (``distributed.py``), vLLM's weight-transfer protocol (``vllm_transfer.py``);
 - ``none``: the engine's rollouts do not come from the trainer's weights (recorded rollouts).
 
 Probe check: the engine's log-probs of a fixed probe sequence (the first training problem's
@@ -38,7 +39,8 @@ class SyncConfig(Section):
     kind: Literal["inprocess", "disk", "distributed", "none"] = Field(
         default="inprocess", description="inprocess: stream the weights into the embedded engine in rank 0's "
         "process; disk: an HF directory per version that every server loads (rollout.engine.kind sglang); "
-        "distributed: broadcast buckets from each pipeline stage to every server (sglang); none: the engine's "
+        "distributed: broadcast from the trainer to every server (sglang: buckets from each pipeline stage; vllm: its "
+        "weight-transfer protocol, rollout.engine.servers.weight_transfer); none: the engine's "
         "rollouts do not depend on the trainer's weights (recorded rollouts)")
     interval: int = Field(default=1, ge=1, description="steps between weight syncs into the engine (k)")
     probe_tolerance: float = Field(
@@ -51,7 +53,8 @@ class SyncConfig(Section):
     keep_last: int = Field(default=2, ge=1, description="disk: versions kept in dir (older ones are deleted)")
     bucket_mb: float = Field(default=1024, gt=0, description="distributed: size of one broadcast bucket (MiB)")
     backend: Literal["auto", "nccl", "gloo"] = Field(
-        default="auto", description="distributed: the weight group's backend; auto: nccl on GPUs, gloo on CPUs")
+        default="auto", description="distributed: the weight group's backend; auto: nccl on GPUs, gloo on CPUs (vllm: "
+        "the servers' weight_transfer)")
     address: str | None = Field(
         default=None, description="distributed: the address servers reach this node's stage senders at; default: "
         "$OPSD_NODE_ADDRESS (the SLURM launcher sets it per node), 127.0.0.1 for a fleet on 127.0.0.1, else this "

@@ -30,6 +30,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,9 @@ from megatron.core.utils import unwrap_model
 from megatron_opsd.models.bridge import is_stage_sender, stage_hf_shapes, stage_hf_tensors
 from megatron_opsd.parallel import broadcast_from_rank0
 from megatron_opsd.platform import current_device, free_port
-from megatron_opsd.rollout.sglang.client import Server, SGLangError
+from megatron_opsd.rollout.remote.engine import RemoteEngine
+from megatron_opsd.rollout.remote.http import ServerError
+from megatron_opsd.rollout.sglang.client import Server
 from megatron_opsd.rollout.sglang.engine import SGLangEngine
 from megatron_opsd.rollout.sglang.protocol import flatten_bucket
 from megatron_opsd.rollout.sglang.weight_group import destroy_weight_group, init_weight_group
@@ -51,6 +54,20 @@ from megatron_opsd.rollout.sync.disk import DiskSync
 log = logging.getLogger(__name__)
 
 NODE_ADDRESS_ENV = "OPSD_NODE_ADDRESS"  # this node's address on the job's fabric (set by the SLURM launcher)
+
+
+def sender_address(cfg: SyncConfig, host: str) -> str:
+    """The address servers reach this node's senders at: ``rollout.sync.address``, else
+    $OPSD_NODE_ADDRESS, else 127.0.0.1 for a fleet bound there, else this host's address."""
+    return cfg.address or os.environ.get(NODE_ADDRESS_ENV) or (
+        "127.0.0.1" if host in ("127.0.0.1", "localhost") else socket.gethostbyname(socket.gethostname()))
+
+
+def agree(ok_here: bool) -> bool:
+    """Whether ``ok_here`` holds on every trainer rank (collective)."""
+    flag = torch.tensor(0 if ok_here else 1, device=current_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not bool(flag)
 
 
 @dataclass(frozen=True)
@@ -97,7 +114,54 @@ class Sender:
     port: int
 
 
-class DistributedSync:
+class BroadcastSync:
+    """What the broadcast syncs share: a push connects to the servers (the first time, and after a
+    failure), sends, and on a failure has the version go by disk (``_recover``); then the probe check.
+    ``engine`` is rank 0's, None elsewhere."""
+
+    engine: RemoteEngine | None
+    probe: ProbeCheck
+    disk: DiskSync
+    connected: bool
+
+    def _pushing(self) -> AbstractContextManager:
+        """What holds for the whole of one push (from its connection to its recovery)."""
+        return nullcontext()
+
+    def _connect(self) -> None:
+        raise NotImplementedError
+
+    def _send(self, version: int) -> bool:
+        """Bring ``version`` to every server (collective); False when anything failed."""
+        raise NotImplementedError
+
+    def _recover(self, version: int) -> int:
+        """Every server serves ``version`` from disk after a failure (collective); how many were restarted."""
+        raise NotImplementedError
+
+    def push(self, version: int) -> dict[str, float]:
+        start = time.perf_counter()
+        with self._pushing():
+            healthy = broadcast_from_rank0(lambda: not self.engine.fleet.dead())
+            sent = healthy and self._try_connect() and self._send(version)
+            restarted = 0 if sent else self._recover(version)
+        return {"time/weight_sync": time.perf_counter() - start, "weight_sync/servers_restarted": float(restarted),
+                "probe/logprob_abs_diff_max": self.probe(self.engine, version)}
+
+    def close(self) -> None:
+        self.disk.close()
+
+    def _try_connect(self) -> bool:
+        if not self.connected:
+            try:
+                self._connect()
+            except ServerError as exc:
+                log.warning("%s; this version goes by disk", exc)
+                return False
+        return True
+
+
+class DistributedSync(BroadcastSync):
     """Bucketed broadcasts from every stage's sender to every server (``engine``: rank 0's, None
     elsewhere). ``host`` is the address the fleet binds (the default sender address follows it)."""
 
@@ -106,8 +170,7 @@ class DistributedSync:
         self.engine, self.chunks, self.probe = engine, [unwrap_model(c) for c in chunks], probe
         self.cfg, self.timeout_s = cfg, timeout_s
         self.disk = DiskSync(engine, chunks, probe, root, cfg.keep_last, write_files)  # what a failed push falls back to
-        self.address = cfg.address or os.environ.get(NODE_ADDRESS_ENV) or (
-            "127.0.0.1" if host in ("127.0.0.1", "localhost") else socket.gethostbyname(socket.gethostname()))
+        self.address = sender_address(cfg, host)
         self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
         self.dtype = self.chunks[0].config.params_dtype
         self.group: dist.ProcessGroup | None = None  # this rank's weight group (stage senders)
@@ -149,7 +212,7 @@ class DistributedSync:
                     log.exception("stage %d: could not create weight group %s", sender.stage, name)
                     joined = False
             if not self._all_ok(joined, pending):
-                raise SGLangError(f"could not create weight group {name} with every server (sender "
+                raise ServerError(f"could not create weight group {name} with every server (sender "
                                   f"{sender.address}:{sender.port})")
         self.connected = True
 
@@ -180,9 +243,7 @@ class DistributedSync:
                 log.warning("server %d: %s", index, exc)
                 self.failed.add(index)
                 ok_here = False
-        flag = torch.tensor(0 if ok_here else 1, device=current_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return not bool(flag)
+        return agree(ok_here)
 
     def _disconnect(self) -> None:
         """Drop every weight group (after a failure): the next push builds them anew."""
@@ -196,28 +257,11 @@ class DistributedSync:
 
     # -- push ------------------------------------------------------------------------------------
 
-    def push(self, version: int) -> dict[str, float]:
-        start = time.perf_counter()
+    def _pushing(self) -> AbstractContextManager:
         self.failed = set()
-        healthy = broadcast_from_rank0(lambda: not self.engine.fleet.dead())
-        sent = healthy and self._try_connect() and self._stream(version)
-        restarted = 0 if sent else self._recover(version)
-        return {"time/weight_sync": time.perf_counter() - start, "weight_sync/servers_restarted": float(restarted),
-                "probe/logprob_abs_diff_max": self.probe(self.engine, version)}
+        return nullcontext()
 
-    def close(self) -> None:
-        self.disk.close()
-
-    def _try_connect(self) -> bool:
-        if not self.connected:
-            try:
-                self._connect()
-            except SGLangError as exc:
-                log.warning("%s; this version goes by disk", exc)
-                return False
-        return True
-
-    def _stream(self, version: int) -> bool:
+    def _send(self, version: int) -> bool:
         """Send every bucket (collective); False when a server or sender failed (the push stopped there)."""
         if not self._all_ok(True, self._fire(lambda server, _: _open_session(server))):
             return False

@@ -16,8 +16,12 @@ from megatron_opsd.rollout.sync.base import ProbeCheck, SyncConfig, WeightSync
 from megatron_opsd.rollout.sync.disk import DiskSync
 from megatron_opsd.rollout.sync.distributed import DistributedSync
 from megatron_opsd.rollout.sync.inprocess import InProcessSync
+from megatron_opsd.rollout.sync.vllm_transfer import VLLMTransferSync
+from megatron_opsd.rollout.vllm.config import VLLMEngineConfig
+from megatron_opsd.rollout.vllm.engine import VLLMEngine
 
-FEEDS = {"inprocess": EmbeddedEngine, "disk": RemoteEngine, "distributed": SGLangEngine}
+FEEDS: dict[str, tuple[type, ...]] = {"inprocess": (EmbeddedEngine,), "disk": (RemoteEngine,),
+                                      "distributed": (SGLangEngine, VLLMEngine)}
 
 
 def build_weight_sync(cfg: SyncConfig, engine: RolloutEngine | None, chunks: Sequence[torch.nn.Module],
@@ -29,12 +33,18 @@ def build_weight_sync(cfg: SyncConfig, engine: RolloutEngine | None, chunks: Seq
     if cfg.kind == "none":
         return None
     if engine is not None and not isinstance(engine, FEEDS[cfg.kind]):
-        raise ValueError(f"rollout.sync.kind={cfg.kind} feeds the {FEEDS[cfg.kind].__name__}, not "
-                         f"{type(engine).__name__}")
+        raise ValueError(f"rollout.sync.kind={cfg.kind} feeds the {' or '.join(t.__name__ for t in FEEDS[cfg.kind])}, "
+                         f"not {type(engine).__name__}")
     if cfg.kind == "inprocess":
         return InProcessSync(engine, chunks, probe)
     if cfg.kind == "disk":
         return DiskSync(engine, chunks, probe, root, cfg.keep_last, write_files)
+    if isinstance(engine_cfg, VLLMEngineConfig):
+        if engine_cfg.servers.weight_transfer is None:
+            raise ValueError("rollout.sync.kind=distributed to vLLM needs rollout.engine.servers.weight_transfer "
+                             "(nccl or gloo): the servers open it at start-up")
+        return VLLMTransferSync(engine, chunks, probe, cfg, root, write_files, engine_cfg.host,
+                                engine_cfg.servers.weight_transfer, engine_cfg.timeouts.control_s)
     if not isinstance(engine_cfg, SGLangEngineConfig):
         raise TypeError(f"rollout.sync.kind=distributed feeds SGLang servers, not rollout.engine.kind={engine_cfg.kind}")
     return DistributedSync(engine, chunks, probe, cfg, root, write_files, engine_cfg.host,

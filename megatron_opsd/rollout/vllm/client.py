@@ -40,5 +40,32 @@ class VLLMServer(Endpoint):
         self.reload(model_path)
         self.set_version(version)
 
+    # -- vLLM's weight transfer (``--weight-transfer-config``): rollout.sync.kind distributed ----
+
+    def world_size(self) -> int:
+        """The server's workers (TP x PP x DP): its ranks in a weight-transfer group."""
+        size = self.call("GET", "/get_world_size").get("world_size")
+        if not isinstance(size, int) or size < 1:
+            raise ServerError(f"{self.url}/get_world_size: no positive world_size in the reply")
+        return size
+
+    def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        """Join the trainer's weight-transfer group (returns once the trainer has joined too)."""
+        self.call("POST", "/init_weight_transfer_engine", {"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.call("POST", "/start_weight_update")
+
+    def update_weights(self, names: list[str], dtypes: list[str], shapes: list[list[int]]) -> None:
+        """Receive these tensors, in this order, from the group's rank 0 (returns once all arrived)."""
+        self.call("POST", "/update_weights", {"update_info": {"names": names, "dtype_names": dtypes, "shapes": shapes}})
+
+    def finish_weight_update(self, version: int) -> None:
+        """End the update (vLLM's layerwise reload finishes here) and serve the weights as ``version``."""
+        self.call("POST", "/finish_weight_update", {"weight_version": str(version)})
+
+    def shutdown_weight_transfer(self) -> None:
+        self.call("POST", "/shutdown_weight_transfer_engine")
+
     async def complete(self, client: httpx.AsyncClient, body: dict[str, Any], timeout_s: float) -> Any:
         return await self.post_async(client, "/v1/completions", body, timeout_s, f"request {body.get('request_id')}")

@@ -17,9 +17,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -35,6 +34,7 @@ from megatron_opsd.rollout.vllm.protocol import MODEL_NAME, completion_request, 
 
 WORKER_DIR = Path(__file__).parent / "worker"  # holds only the worker extension, for the servers' PYTHONPATH
 WORKER_EXTENSION = "opsd_vllm_worker.WeightReload"
+GLOO_BACKEND = "opsd_gloo"  # the weight-transfer backend the worker extension registers
 
 
 class VLLMFleet(ServerFleet[VLLMServer]):
@@ -46,13 +46,15 @@ class VLLMFleet(ServerFleet[VLLMServer]):
         log-probs (after temperature) and the worker extension that reloads weights; the dtype of
         the model directory's config (vLLM's ``auto`` may pick another)."""
         servers = self.cfg.servers
-        program = [sys.executable if servers.command[0] == "python" else servers.command[0], *servers.command[1:]]
-        command = [*program, "--model", model_path, "--host", self.cfg.host, "--port", str(port),
+        command = [*servers.program(), "--model", model_path, "--host", self.cfg.host, "--port", str(port),
                    "--served-model-name", MODEL_NAME, "--tensor-parallel-size", str(servers.tp),
                    "--dtype", model_dtype(Path(model_path)), "--logprobs-mode", "processed_logprobs",
                    "--worker-extension-cls", WORKER_EXTENSION, *servers.args]
         if load_format:
             command += ["--load-format", load_format]
+        if servers.weight_transfer:
+            backend = {"nccl": "nccl", "gloo": GLOO_BACKEND}[servers.weight_transfer]
+            command += ["--weight-transfer-config", json.dumps({"backend": backend})]
         if self.api_key:
             command.append(f"--api-key={self.api_key}")  # one word: a key may begin with "-"
         return command
@@ -89,7 +91,8 @@ class VLLMEngine(RemoteEngine[VLLMServer]):
 
     def __init__(self, fleet: VLLMFleet, cfg: VLLMEngineConfig, vocab_size: int, run_id: str, weight_version: int = 0):
         super().__init__(fleet, cfg, vocab_size, run_id, weight_version)
-        self._epoch = 0  # odd while a weight sync is under way
+        self._epoch = 0  # moves when a weight sync begins or ends
+        self._syncs = 0  # weight syncs under way (a broadcast's recovery by disk nests one)
         self._in_flight = [0] * len(fleet.members)
         self._failed: set[int] = set()  # servers that failed an attempt of the current call
 
@@ -116,7 +119,7 @@ class VLLMEngine(RemoteEngine[VLLMServer]):
 
     async def _attempt(self, clients: list[httpx.AsyncClient], prompt: Sequence[int], params: SamplingParams,
                        rid: str, seed: int) -> Rollout | None:
-        while self._epoch % 2:  # a weight sync is under way
+        while self._syncs:  # a weight sync is under way
             await asyncio.sleep(0.02)
         epoch, member = self._epoch, self._pick()
         self._in_flight[member.index] += 1
@@ -134,23 +137,29 @@ class VLLMEngine(RemoteEngine[VLLMServer]):
                                 f"{member.server.url} request {rid}")
 
     def logprobs(self, sequences: Sequence[Sequence[int]], temperature: float = 1.0) -> list[torch.Tensor]:
-        """Teacher-forced log-probs (``prompt_logprobs``) on server 0 (the servers hold the same
-        weights: each sync checks their versions). vLLM scores prompts at temperature 1 only."""
+        """vLLM scores prompts at temperature 1 only (its prompt log-probs ignore temperature)."""
         if temperature != 1.0:
             raise ValueError(f"vLLM scores prompt tokens at temperature 1 only (its prompt log-probs ignore "
                              f"temperature), not {temperature}")
-        server = self.fleet.servers[0]
-        params = SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=1)
-        out = []
-        for i, ids in enumerate(sequences):
-            rid = f"{self.run_id}-probe{next(self._calls):06d}-{i}"
-            reply = server.call("POST", "/v1/completions", completion_request(ids, params, rid, 0) | {"prompt_logprobs": 0})
-            out.append(torch.tensor(parse_prompt_logprobs(reply, rid, ids, f"{server.url} request {rid}")))
-        return out
+        return super().logprobs(sequences, temperature)
 
-    def load_from_disk(self, path: Path, version: int, poisoned: Iterable[int] = ()) -> list[int]:
+    def _score(self, server: VLLMServer, ids: Sequence[int], temperature: float, rid: str) -> list[float]:
+        """Through ``/v1/completions`` with ``prompt_logprobs``."""
+        params = SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=1)
+        reply = server.call("POST", "/v1/completions", completion_request(ids, params, rid, 0) | {"prompt_logprobs": 0})
+        return parse_prompt_logprobs(reply, rid, ids, f"{server.url} request {rid}")
+
+    @contextmanager
+    def syncing(self) -> Iterator[None]:
+        """The servers' weights change inside: no attempt is sent, and a reply sent before is asked again."""
+        self._syncs += 1
         self._epoch += 1
         try:
-            return super().load_from_disk(path, version, poisoned)
+            yield
         finally:
+            self._syncs -= 1
             self._epoch += 1
+
+    def load_from_disk(self, path: Path, version: int, poisoned: Iterable[int] = ()) -> list[int]:
+        with self.syncing():
+            return super().load_from_disk(path, version, poisoned)

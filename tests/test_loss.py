@@ -18,6 +18,7 @@ from tests.workers.loss_tp import (
     TOLERANCE,
     VARIANTS,
     assert_matches_dense,
+    assert_sampled_logprobs_match_dense,
     dense_reference,
     fused,
     make_case,
@@ -58,6 +59,11 @@ def test_bf16_inputs(weight_grad_fp32: bool) -> None:
     ref = dense_reference(case)
     for actual, expected in zip((loss, grad_h, grad_w), ref):
         assert (actual.double() - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sampled_logprobs_come_from_the_losss_logits(seed: int) -> None:
+    assert_sampled_logprobs_match_dense(seed)
 
 
 def test_chunk_size_invariance() -> None:

@@ -33,8 +33,7 @@ from megatron_opsd.data.sources import Problem
 from megatron_opsd.fileio import CheckpointError
 from megatron_opsd.models.checkpoint import ShardedStateful, shadow_sharded_state_dict
 from megatron_opsd.models.lora import adapters_disabled, has_adapters
-from megatron_opsd.opsd.logprobs import token_logprobs
-from megatron_opsd.opsd.loss import LossConfig, dense_token_divergence, fused_token_divergence
+from megatron_opsd.opsd.loss import LossConfig, SampledLogprobs, dense_token_divergence, fused_token_divergence
 from megatron_opsd.opsd.teacher import Teacher, TeacherConfig
 from megatron_opsd.section import Section
 
@@ -73,20 +72,18 @@ class OPSD:
         student, weight, side = inputs.hidden, inputs.output_weight, inputs.micro_batch.student
         teacher_hidden, teacher_weight = inputs.passes["teacher"], self.teacher.weight_of(weight)
         cfg, group = self.cfg.loss, parallel_state.get_tensor_model_parallel_group()
+        targets = side.targets.to(student.device)
+        # The rollouts' log-probs are compared with the student's, taken from the loss's own logits.
+        sampled = SampledLogprobs(targets, self.logprob_temperature) \
+            if ROLLOUT_LOGPROBS in inputs.micro_batch.per_token else None
         per_token = fused_token_divergence(
             student, teacher_hidden, weight, teacher_weight, cfg,
-            target_ids=side.targets.to(student.device) if cfg.sampled_token else None, group=group,
+            target_ids=targets if cfg.sampled_token else None, group=group,
             # The output-weight gradient goes straight into DDP's fp32 main_grad (no extra buffer).
-            main_grad_scale=inputs.grad_scale)
+            main_grad_scale=inputs.grad_scale, sampled=sampled)
         sums = divergence_diagnostics(student.detach(), teacher_hidden, weight.detach(), teacher_weight, cfg, group,
                                       self.cfg.diagnostic_tokens)
-        sampled = None
-        if ROLLOUT_LOGPROBS in inputs.micro_batch.per_token:
-            with torch.no_grad():
-                sampled = token_logprobs(student.detach(), weight.detach(), side.targets.to(student.device),
-                                         vocab_size=cfg.vocab_size, temperature=self.logprob_temperature,
-                                         chunk_size=cfg.chunk_size)
-        return LossOutput(per_token, sums, sampled)
+        return LossOutput(per_token, sums, sampled.values if sampled is not None else None)
 
     def metrics(self, sums: Mapping[str, float], loss: float) -> dict[str, float]:
         diagnosed = max(sums["diag_tokens"], 1.0)
@@ -147,8 +144,9 @@ def divergence_diagnostics(
         zero = torch.zeros((), dtype=torch.float64)
         return {"diag_agree": zero, "diag_clipped": zero, "diag_tokens": zero}
     rows = torch.linspace(0, n - 1, k, device=student_hidden.device).long()
-    zs = _gather_vocab(student_hidden[rows].float() @ student_weight.float().t(), group)[:, : cfg.vocab_size]
-    zt = _gather_vocab(teacher_hidden[rows].float() @ teacher_weight.float().t(), group)[:, : cfg.vocab_size]
+    # (W h^T)^T: on CPU the output layer as the right-hand operand would be copied (packed) first.
+    zs = _gather_vocab((student_weight.float() @ student_hidden[rows].float().T).T, group)[:, : cfg.vocab_size]
+    zt = _gather_vocab((teacher_weight.float() @ teacher_hidden[rows].float().T).T, group)[:, : cfg.vocab_size]
     agree = (zs.argmax(-1) == zt.argmax(-1)).sum()
     clipped = torch.zeros(())
     if cfg.clip is not None:

@@ -1,7 +1,8 @@
 """Log-probability of given next tokens from final hidden states and a vocab-parallel output layer.
 
-Two users: the SFT loss (``-log p(target)``, with gradients) and the rollout-vs-trainer mismatch
-(the student's log-prob of each sampled token at the sampling temperature, without gradients).
+Users: the SFT loss (``-log p(target)``, with gradients) and GRPO's policy log-probs. (OPSD's
+rollout-vs-trainer mismatch takes the student's log-probs of the sampled tokens from its fused
+loss's logits, ``SampledLogprobs``, rather than forming them a second time.)
 Logits are formed ``chunk_size`` tokens at a time and reduced across tensor-parallel ranks by
 Megatron's ``vocab_parallel_cross_entropy``; padded vocabulary rows are masked to -inf. Under
 autograd each chunk is recomputed in backward (activation checkpointing), so no more than one

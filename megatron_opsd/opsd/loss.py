@@ -39,7 +39,7 @@ not depend on the tensor-parallel size or on sort order.
 
 Precision and memory of the fused loss: the matmuls run in the input dtype (bf16 GEMMs accumulate
 in fp32), logits are cast to fp32 (fp64 stays fp64) before any softmax statistic, and one chunk
-holds about four ``[chunk_size, V_local]`` fp32 tensors at a time (plus, with ``weight_grad_chunks``
+holds about three ``[chunk_size, V_local]`` fp32 tensors at a time (plus, with ``weight_grad_chunks``
 ``k > 1``, the logit gradients of ``k`` chunks in the input dtype). Besides that, gradients need an
 fp32 ``[N, H]`` hidden-gradient buffer and a ``[V_local, H]`` weight-gradient accumulator, except
 in training under Megatron DDP with ``main_grad_scale`` (see :func:`fused_token_divergence`), where
@@ -48,6 +48,7 @@ the weight gradient goes straight into the parameter's fp32 ``main_grad`` buffer
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -72,7 +73,8 @@ class LossConfig(Section):
     top_k: int | None = Field(None, ge=1, description="teacher's global top-k, renormalized; None = full vocab")
     sampled_token: bool = Field(False, description="-A log p_S(y) on the sampled token instead of a divergence")
     vocab_size: int = Field(ge=1, description="true vocabulary size; output-layer rows beyond it are padding")
-    chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the fused loss")
+    chunk_size: int = Field(256, ge=1, description="tokens per chunk of the fused loss (on CPU three [chunk_size, "
+                            "V_local] fp32 blocks stay allocated between steps)")
     weight_grad_fp32: bool = Field(True, description="accumulate the output-weight gradient over token chunks "
                                    "in fp32; False: in the weight dtype, one rounding per chunk, no fp32 "
                                    "[V_local, H] buffer")
@@ -148,7 +150,8 @@ def fused_token_divergence(student_hidden: torch.Tensor, teacher_hidden: torch.T
                            student_weight: torch.Tensor, teacher_weight: torch.Tensor, cfg: LossConfig,
                            target_ids: torch.Tensor | None = None,
                            group: dist.ProcessGroup | None = None,
-                           main_grad_scale: float | None = None) -> torch.Tensor:
+                           main_grad_scale: float | None = None,
+                           sampled: SampledLogprobs | None = None) -> torch.Tensor:
     """Per-token loss ``[N]`` (fp32; fp64 for fp64 inputs; identical on every TP rank) from final
     hidden states, never materializing more than ``[chunk_size, V_local]`` logits.
 
@@ -162,6 +165,8 @@ def fused_token_divergence(student_hidden: torch.Tensor, teacher_hidden: torch.T
         group: the tensor-parallel group; None means no tensor parallelism.
         main_grad_scale: opt-in for training under Megatron DDP (below); None (default) returns
             the ``student_weight`` gradient through autograd as usual.
+        sampled: also the student's log-probs of ``sampled.targets`` at ``sampled.temperature``
+            (into ``sampled.values``, no gradient), from the logits the loss forms anyway.
 
     Gradient contract:
         Gradients flow to ``student_hidden`` and ``student_weight`` only. The ``student_hidden``
@@ -220,8 +225,9 @@ def fused_token_divergence(student_hidden: torch.Tensor, teacher_hidden: torch.T
     tp = 1 if group is None else dist.get_world_size(group)
     if v_local * tp < cfg.vocab_size:
         raise ValueError(f"{tp} shards of {v_local} rows cannot hold vocab_size={cfg.vocab_size}")
-    if target_ids is not None and target_ids.numel() != n:
-        raise ValueError(f"target_ids has {target_ids.numel()} entries for {n} tokens")
+    for name, ids in (("target_ids", target_ids), ("sampled.targets", sampled and sampled.targets)):
+        if ids is not None and ids.numel() != n:
+            raise ValueError(f"{name} has {ids.numel()} entries for {n} tokens")
     frozen = not student_weight.requires_grad  # e.g. under LoRA: no weight gradient at all
     if main_grad_scale is not None and not frozen and getattr(student_weight, "main_grad", None) is None:
         raise ValueError("main_grad_scale needs student_weight.main_grad (a parameter of a Megatron "
@@ -230,7 +236,17 @@ def fused_token_divergence(student_hidden: torch.Tensor, teacher_hidden: torch.T
     into_main_grad = torch.is_grad_enabled() and student_weight.requires_grad and main_grad_scale is not None
     return _FusedTokenDivergence.apply(student_hidden, student_weight, teacher_hidden.detach(),
                                        teacher_weight.detach(), target_ids, cfg, group, precompute,
-                                       main_grad_scale if into_main_grad else None)
+                                       main_grad_scale if into_main_grad else None, sampled)
+
+
+@dataclass
+class SampledLogprobs:
+    """A request to :func:`fused_token_divergence` for ``log_softmax(student_logits / temperature)``
+    at ``targets`` (global token ids ``[N]``); the loss fills ``values`` (``[N]``, fp32)."""
+
+    targets: torch.Tensor
+    temperature: float
+    values: torch.Tensor | None = None
 
 
 def _check_targets(cfg: LossConfig, target_ids: torch.Tensor | None) -> None:
@@ -248,15 +264,15 @@ class _FusedTokenDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.Tensor,
                 targets: torch.Tensor | None, cfg: LossConfig, group: dist.ProcessGroup | None,
-                precompute: bool, main_grad_scale: float | None) -> torch.Tensor:
+                precompute: bool, main_grad_scale: float | None, sampled: SampledLogprobs | None) -> torch.Tensor:
         ctx.cfg, ctx.group, ctx.main_grad_scale = cfg, group, main_grad_scale
         ctx.save_for_backward(hs, ws, ht, wt, targets)
         want_h, want_w = precompute and ctx.needs_input_grad[0], precompute and ctx.needs_input_grad[1]
         if main_grad_scale is None:
-            loss, grad_h, grad_w = _run_chunks(hs, ws, ht, wt, targets, cfg, group, want_h, want_w)
+            loss, grad_h, grad_w = _run_chunks(hs, ws, ht, wt, targets, cfg, group, want_h, want_w, sampled=sampled)
         else:  # products already scaled as promised; the weight's go to main_grad
             loss, grad_h, grad_w = _run_chunks(hs, ws, ht, wt, targets, cfg, group, want_h, want_w,
-                                               scale=main_grad_scale, grad_w=ws.main_grad)
+                                               scale=main_grad_scale, grad_w=ws.main_grad, sampled=sampled)
             grad_w = None
         ctx.products = (grad_h, grad_w) if precompute else None
         return loss
@@ -291,19 +307,19 @@ class _FusedTokenDivergence(torch.autograd.Function):
             grad_h = grad_h.to(hs.dtype)
         if grad_w is not None:
             grad_w = grad_w.to(ws.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
 def _run_chunks(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.Tensor,
                 targets: torch.Tensor | None, cfg: LossConfig, group: dist.ProcessGroup | None,
                 want_h: bool, want_w: bool, grad_loss: torch.Tensor | None = None, scale: float = 1.0,
-                grad_w: torch.Tensor | None = None,
+                grad_w: torch.Tensor | None = None, sampled: SampledLogprobs | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One pass over token chunks: the per-token loss and, as requested, the gradient products
     w.r.t. ``hs`` (this rank's partial, fp32) and ``ws``, each token's row scaled by ``scale`` and
     by ``grad_loss`` when given (recompute path; neither in the plain forward precompute). The
     ``ws`` product is added to ``grad_w`` when given (``main_grad``), else to a new accumulator
-    (fp32 unless ``weight_grad_fp32`` is False).
+    (fp32 unless ``weight_grad_fp32`` is False). ``sampled`` is filled on the way.
     """
     n, hidden = hs.shape
     rank = 0 if group is None else dist.get_rank(group)
@@ -315,18 +331,32 @@ def _run_chunks(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.
     grad_h = torch.zeros(n, hidden, dtype=acc, device=hs.device) if want_h else None
     if want_w and grad_w is None:
         grad_w = torch.zeros(ws.shape, dtype=acc if cfg.weight_grad_fp32 else ws.dtype, device=ws.device)
+    if sampled is not None:
+        sampled.values = torch.empty(n, dtype=torch.float32, device=hs.device)
     block = cfg.chunk_size * cfg.weight_grad_chunks  # tokens per weight-gradient GEMM
     stash = torch.empty(min(block, n), valid, dtype=ws.dtype, device=ws.device) \
         if want_w and cfg.weight_grad_chunks > 1 else None
     for s in range(0, n, cfg.chunk_size):
         e = min(s + cfg.chunk_size, n)
-        zs = _scaled_logits(hs[s:e], ws_v, cfg.temperature, acc)
-        zt = _scaled_logits(ht[s:e], wt_v, cfg.temperature, acc)
+        blocks = [_block(i, e - s, valid, acc, hs.device) for i in range(3)]
+        zs = _scaled_logits(hs[s:e], ws_v, cfg.temperature, acc, out=blocks[0])
+        zt = _scaled_logits(ht[s:e], wt_v, cfg.temperature, acc, out=blocks[1])
+        # The sampled tokens' log-probs: the loss's own log-softmax of zs when it is the same one
+        # (same temperature, whole vocabulary), else formed from zs before the loss consumes it.
+        at = None
+        if sampled is not None:
+            if sampled.temperature == cfg.temperature and cfg.top_k is None and not cfg.sampled_token:
+                at = sampled.targets[s:e] - start
+            else:
+                sampled.values[s:e] = _target_logprobs(zs, sampled.targets[s:e] - start,
+                                                       cfg.temperature / sampled.temperature, group, blocks[2])
         if cfg.sampled_token:
-            loss[s:e], dz = _sampled_chunk(zs, zt, targets[s:e] - start, group)
+            loss[s:e], dz = _sampled_chunk(zs, zt, targets[s:e] - start, group, out=blocks[2])
         else:
-            loss[s:e], dz = _divergence_chunk(zs, zt, cfg, group)
-        del zs, zt
+            loss[s:e], dz, logp_at = _divergence_chunk(zs, zt, cfg, group, out=blocks[2], at=at)
+            if at is not None:
+                sampled.values[s:e] = logp_at
+        del zs, zt, blocks
         if not (want_h or want_w):
             continue
         if grad_loss is not None:
@@ -356,9 +386,28 @@ def _add_weight_grad(grad_w: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, ro
         grad_w[r:r + rows] += dz[:, r:r + rows].T @ h
 
 
-def _scaled_logits(h: torch.Tensor, w: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """``(h W^T) / T`` as a fresh ``dtype`` tensor (the matmul runs in the input dtype)."""
-    return (h @ w.T).to(dtype).div_(temperature)
+_BLOCKS: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+
+def _block(index: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """Scratch block ``index`` as ``[rows, cols]``, on CPU only: kept from one chunk and call to the
+    next, because a fresh logits-sized tensor costs more in page faults there than the pass that fills
+    it (CUDA's caching allocator reuses memory already; None there: allocate as usual)."""
+    if device.type != "cpu":
+        return None
+    block = _BLOCKS.get((index, dtype))
+    if block is None or block.numel() < rows * cols:
+        block = _BLOCKS[(index, dtype)] = torch.empty(rows * cols, dtype=dtype)
+    return block[:rows * cols].view(rows, cols)
+
+
+def _scaled_logits(h: torch.Tensor, w: torch.Tensor, temperature: float, dtype: torch.dtype,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(h W^T) / T`` in ``dtype`` (the matmul runs in the input dtype), in ``out`` when given and
+    the input is already ``dtype``, else a fresh tensor."""
+    if out is None or h.dtype != dtype:
+        return (h @ w.T).to(dtype).div_(temperature)
+    return torch.matmul(h, w.T, out=out).div_(temperature)
 
 
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> None:
@@ -374,8 +423,11 @@ def _row_max(z: torch.Tensor) -> torch.Tensor:
 
 
 def _log_softmax_pair(zs: torch.Tensor, zt: torch.Tensor, group: dist.ProcessGroup | None,
-                      local_index: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Turn ``zs``, ``zt`` into vocab-parallel log-softmax, in place (two all-reduces of ``[2, c]``).
+                      local_index: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Turn ``zs``, ``zt`` into vocab-parallel log-softmax in place (two all-reduces of ``[2, c]``)
+    and return the softmax of ``zt`` (in ``out`` when given: the exponentials its normalizer is
+    summed from, divided by it).
 
     With ``local_index`` (``[c]`` column in this shard, or out of range when another rank holds
     it) also returns the two log-probabilities at that column, ``[2, c]``, globally.
@@ -384,7 +436,8 @@ def _log_softmax_pair(zs: torch.Tensor, zt: torch.Tensor, group: dist.ProcessGro
     _all_reduce(peak, dist.ReduceOp.MAX, group)
     zs.sub_(peak[0, :, None])
     zt.sub_(peak[1, :, None])
-    stats = [zs.exp().sum(dim=-1), zt.exp().sum(dim=-1)]
+    exp = out if out is not None else torch.empty_like(zt)
+    stats = [torch.exp(zs, out=exp).sum(dim=-1), torch.exp(zt, out=exp).sum(dim=-1)]
     if local_index is not None:
         here = (local_index >= 0) & (local_index < zs.shape[1])
         col = local_index.clamp(0, max(zs.shape[1] - 1, 0))[:, None]
@@ -396,13 +449,16 @@ def _log_softmax_pair(zs: torch.Tensor, zt: torch.Tensor, group: dist.ProcessGro
     log_norm = stats[:2].log()
     zs.sub_(log_norm[0, :, None])
     zt.sub_(log_norm[1, :, None])
-    return stats[2:] - log_norm if local_index is not None else None
+    return exp.div_(stats[1, :, None]), (stats[2:] - log_norm if local_index is not None else None)
 
 
-def _divergence_chunk(zs: torch.Tensor, zt: torch.Tensor, cfg: LossConfig,
-                      group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token loss ``[c]`` and ``dL/dz_S`` ``[c, V_local_valid]`` for one chunk (consumes the
-    inputs). Top-k works on the gathered kept entries and scatters the gradient back."""
+def _divergence_chunk(zs: torch.Tensor, zt: torch.Tensor, cfg: LossConfig, group: dist.ProcessGroup | None,
+                      out: torch.Tensor | None = None, at: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-token loss ``[c]``, ``dL/dz_S`` ``[c, V_local_valid]`` and (with ``at``: one local
+    column per row, out of range when another rank holds it; not with top-k) the student's
+    log-prob there, for one chunk (consumes the inputs; ``out``: a block of their shape to work in).
+    Top-k works on the gathered kept entries and scatters the gradient back."""
     full = zs.shape
     if cfg.top_k is not None:
         zt, index = zt.topk(min(cfg.top_k, zt.shape[1]), dim=-1, sorted=False)
@@ -410,21 +466,21 @@ def _divergence_chunk(zs: torch.Tensor, zt: torch.Tensor, cfg: LossConfig,
         drop = zt < _global_kth(zt, cfg.top_k, group)[:, None]
         zs.masked_fill_(drop, -math.inf)
         zt.masked_fill_(drop, -math.inf)
-    _log_softmax_pair(zs, zt, group)
+        out = None  # the kept entries only
+    q, logp_at = _log_softmax_pair(zs, zt, group, at, out=out)
     logp, logq = zs, zt
     if cfg.kind == "forward_kl":
-        q = logq.exp()
         terms = logq.sub_(logp).mul_(q)
         p, h = logp.exp_(), q.neg_()
     elif cfg.kind == "reverse_kl":
         diff = torch.sub(logp, logq, out=logq)
         p = logp.exp_()
-        terms = p * diff
+        terms = torch.mul(p, diff, out=q)
         h = diff.add_(1.0).mul_(p)
     else:
         beta = cfg.beta
         logm = torch.logaddexp(logq + math.log(beta), logp + math.log(1.0 - beta))
-        p, q = logp.exp(), logq.exp()
+        p = logp.exp()
         h = logp.sub_(logm).mul_(p).mul_(1.0 - beta)
         terms = logq.sub_(logm).mul_(q).mul_(beta).add_(h)
         del logm, q
@@ -439,7 +495,24 @@ def _divergence_chunk(zs: torch.Tensor, zt: torch.Tensor, cfg: LossConfig,
     dz = h.sub_(p.mul_(sums[1, :, None]))
     if cfg.top_k is not None:
         dz = dz.new_zeros(full).scatter_(1, index, dz)
-    return sums[0], dz
+    return sums[0], dz, (logp_at[0] if logp_at is not None else None)
+
+
+def _target_logprobs(z: torch.Tensor, local_target: torch.Tensor, rescale: float, group: dist.ProcessGroup | None,
+                     out: torch.Tensor | None) -> torch.Tensor:
+    """``log_softmax(z * rescale)`` at each row's column ``local_target`` (out of range: another
+    rank's), vocab-parallel (two all-reduces of ``[c]`` / ``[2, c]``); ``z`` is left as it is,
+    ``out`` (a block of its shape) is worked in."""
+    peak = _row_max(z).mul_(rescale)
+    _all_reduce(peak, dist.ReduceOp.MAX, group)
+    shifted = torch.mul(z, rescale, out=out) if out is not None else z * rescale
+    shifted.sub_(peak[:, None])
+    here = (local_target >= 0) & (local_target < z.shape[1])
+    at = shifted.gather(1, local_target.clamp(0, max(z.shape[1] - 1, 0))[:, None]).squeeze(1).masked_fill(~here, 0.0) \
+        if z.shape[1] else torch.zeros_like(peak)
+    stats = torch.stack([shifted.exp_().sum(dim=-1), at])
+    _all_reduce(stats, dist.ReduceOp.SUM, group)
+    return (stats[1] - stats[0].log()).float()
 
 
 def _global_kth(values: torch.Tensor, k: int, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -453,10 +526,10 @@ def _global_kth(values: torch.Tensor, k: int, group: dist.ProcessGroup | None) -
     return values.topk(k, dim=-1, sorted=True).values[:, -1]
 
 
-def _sampled_chunk(zs: torch.Tensor, zt: torch.Tensor, local_target: torch.Tensor,
-                   group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _sampled_chunk(zs: torch.Tensor, zt: torch.Tensor, local_target: torch.Tensor, group: dist.ProcessGroup | None,
+                   out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled-token loss ``-A log p_y`` and ``dL/dz_S = A (p - onehot(y))`` for one chunk."""
-    logp_y, logq_y = _log_softmax_pair(zs, zt, group, local_target)
+    _, (logp_y, logq_y) = _log_softmax_pair(zs, zt, group, local_target, out=out)
     advantage = logq_y - logp_y
     dz = zs.exp_().mul_(advantage[:, None])
     if dz.shape[1]:

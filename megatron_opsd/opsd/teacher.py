@@ -6,7 +6,7 @@ gradient). For ``fixed`` and ``ema`` a second parameter set holds the teacher's 
 every parameter (this rank's TP/PP slice, the full slice on every DP rank). For the teacher pass
 the two sets are *exchanged* in place, parameter by parameter, and exchanged back afterwards: the
 model object, its DDP buffers and the optimizer never see different tensors, and the exchange
-needs only one parameter-sized temporary at a time.
+needs only a small scratch block.
 
 Memory cost per parameter of this rank's shard (on the device, or on the CPU with ``offload``):
 - live: 0.
@@ -27,6 +27,8 @@ import torch
 from pydantic import Field
 
 from megatron_opsd.section import Section
+
+SWAP_BLOCK = 1 << 20  # elements per step of the exchange of model and teacher weights
 
 
 class TeacherConfig(Section):
@@ -66,10 +68,20 @@ class Teacher:
 
     @torch.no_grad()
     def _exchange(self) -> None:
+        """Swap every parameter with its teacher weights a block at a time through one small scratch
+        tensor, which stays in cache (a parameter-sized temporary is a fresh allocation twice a step,
+        page faults included on CPU)."""
+        scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         for p, w in zip(self.params, self.weights):
-            tmp = p.detach().to(w.device, copy=True)
-            p.copy_(w)
-            w.copy_(tmp)
+            model, teacher = p.detach().view(-1), w.view(-1)
+            block = scratch.get((p.dtype, w.device))
+            if block is None:
+                block = scratch[(p.dtype, w.device)] = torch.empty(SWAP_BLOCK, dtype=p.dtype, device=w.device)
+            for s in range(0, model.numel(), SWAP_BLOCK):
+                e = min(s + SWAP_BLOCK, model.numel())
+                held = block[:e - s].copy_(model[s:e])
+                model[s:e].copy_(teacher[s:e])
+                teacher[s:e].copy_(held)
 
     @contextmanager
     def weights_in_model(self) -> Iterator[None]:

@@ -27,12 +27,13 @@ import inspect
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
 
+from megatron_opsd.models.architectures import SUPPORTED_ARCHITECTURES
 from megatron_opsd.rollout.engine import EngineHealth, Rollout, SamplingParams, sequence_seed
 from megatron_opsd.section import Section
 
@@ -61,6 +62,7 @@ class EmbeddedEngine:
         self._broken: str | None = None
         # transformers 5.x renamed the forward's past_key_values to cache (the old name warns, then goes).
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._plain_head = type(model).__name__ in SUPPORTED_ARCHITECTURES  # logits = lm_head(final hidden)
 
     @classmethod
     def from_hf_config(cls, hf_config: PretrainedConfig, cfg: EmbeddedEngineConfig | None = None) -> EmbeddedEngine:
@@ -117,8 +119,7 @@ class EmbeddedEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = {self._cache_kwarg: DynamicCache(config=self.model.config)}
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            logits_to_keep=1, **cache).logits[:, -1]
+        logits = self._next_logits(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache)
         tokens = torch.empty(batch, steps, dtype=torch.long, device=self.device)
         logprobs = torch.empty(batch, steps, dtype=torch.float32, device=self.device)
         lengths = torch.full((batch,), steps, device=self.device)
@@ -138,13 +139,29 @@ class EmbeddedEngine:
             if t == steps - 1 or bool(stopped.all()):
                 break
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            logits = self.model(input_ids=tokens[:, t:t + 1], attention_mask=mask, position_ids=next_position,
-                                use_cache=True, **cache).logits[:, -1]
+            logits = self._next_logits(input_ids=tokens[:, t:t + 1], attention_mask=mask, position_ids=next_position,
+                                       use_cache=True, **cache)
             next_position = next_position + 1
         tokens, logprobs, lengths = tokens.tolist(), logprobs.tolist(), lengths.tolist()
         unfinished = "abort" if aborted else "length"
         return [Rollout(tuple(tokens[r][:lengths[r]]), tuple(logprobs[r][:lengths[r]]),
                         "stop" if stopped[r] else unfinished, self.weight_version) for r in range(batch)]
+
+    def _next_logits(self, **inputs: Any) -> torch.Tensor:
+        """The next-token logits ``[B, V]`` after ``inputs``: the model's backbone, then the output
+        layer as ``(W h^T)^T``. On CPU, MKL packs the right-hand operand of ``h W^T`` on every call,
+        a copy of the whole output layer per decode step; as the left-hand one it is read in place.
+        (A model outside the supported architectures computes its own logits.)"""
+        if not self._plain_head:
+            return self.model(**inputs, logits_to_keep=1).logits[:, -1]
+        return self._head(self.model.get_decoder()(**inputs).last_hidden_state[:, -1])
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer on final hidden states ``[..., H]`` -> ``[..., V]``, as ``(W h^T)^T``
+        (made contiguous: the sampler's reductions over the vocabulary are slow on a transposed view)."""
+        head = self.model.get_output_embeddings()
+        logits = (head.weight @ hidden.reshape(-1, hidden.shape[-1]).T).T.contiguous().reshape(*hidden.shape[:-1], -1)
+        return logits if head.bias is None else logits + head.bias
 
     @torch.no_grad()
     def logprobs(self, sequences: Sequence[Sequence[int]], temperature: float = 1.0) -> list[torch.Tensor]:
@@ -167,7 +184,11 @@ class EmbeddedEngine:
                 ids[row, :len(seq)] = torch.tensor(seq)
                 mask[row, :len(seq)] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            if self._plain_head:
+                logits = self._head(self.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1])
+            else:
+                logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            logits = logits.float()
             picked = torch.log_softmax(logits / temperature, dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
             out += [picked[row, :len(seq) - 1] for row, seq in enumerate(chunk)]
         return out

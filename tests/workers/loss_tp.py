@@ -18,7 +18,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 from megatron.core.transformer import TransformerConfig
 
-from megatron_opsd.opsd.loss import LossConfig, dense_token_divergence, fused_token_divergence
+from megatron_opsd.opsd.loss import LossConfig, SampledLogprobs, dense_token_divergence, fused_token_divergence
 from megatron_opsd.parallel import Layout, initialize
 
 VARIANTS: dict[str, dict] = {
@@ -114,6 +114,27 @@ def assert_matches_dense(case: Case, dtype: torch.dtype, group: dist.ProcessGrou
         err = relative_error(actual, expected)
         assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e} ({case.cfg})"
     assert ref_h.abs().max() > 0, "degenerate case: zero gradient"
+
+
+def assert_sampled_logprobs_match_dense(seed: int, group: dist.ProcessGroup | None = None) -> None:
+    """The student's log-probs of sampled tokens that the fused loss fills in (``sampled``) equal
+    the dense float64 ``log_softmax(logits / T)`` at them, at the loss's temperature and at others."""
+    tp, rank = (1, 0) if group is None else (dist.get_world_size(group), dist.get_rank(group))
+    for variant, temperature in (("forward_kl-clipoff-topall", None), ("reverse_kl-clipon-topk", 0.7),
+                                 ("sampled_token", 1.3)):
+        case = make_case(variant, seed, tp=tp)
+        vocab, rows = case.cfg.vocab_size, case.student_weight.shape[0] // tp
+        temperature = temperature or case.cfg.temperature
+        targets = torch.randint(0, vocab, (case.student_hidden.shape[0],), generator=torch.Generator().manual_seed(seed))
+        logits = (case.student_hidden @ case.student_weight.T)[:, :vocab] / temperature
+        want = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+        shard = slice(rank * rows, (rank + 1) * rows)
+        sampled = SampledLogprobs(targets, temperature)
+        fused_token_divergence(case.student_hidden.float(), case.teacher_hidden.float(),
+                               case.student_weight[shard].float(), case.teacher_weight[shard].float(), case.cfg,
+                               case.target_ids, group, sampled=sampled)
+        err = relative_error(sampled.values, want)
+        assert err <= TOLERANCE[torch.float32], f"{variant} at T {temperature}: relative error {err:.2e}"
 
 
 def _lockstep(cases: list[tuple[Case, torch.dtype]]) -> None:
@@ -230,8 +251,14 @@ def _check_grpo_policy_loss() -> None:
         assert err < TOLERANCE[torch.float32], f"GRPO {what}: relative error {err:.2e}"
 
 
+def _check_sampled_logprobs() -> None:
+    for seed in range(3):
+        assert_sampled_logprobs_match_dense(seed, parallel_state.get_tensor_model_parallel_group())
+
+
 CHECKS = {"all_variants": _check_all_variants, "all_padding_shard": _check_all_padding_shard,
-          "main_grad_ddp": _check_main_grad_ddp, "grpo_policy_loss": _check_grpo_policy_loss}
+          "main_grad_ddp": _check_main_grad_ddp, "grpo_policy_loss": _check_grpo_policy_loss,
+          "sampled_logprobs": _check_sampled_logprobs}
 
 if __name__ == "__main__":
     from tests.distributed import run_checks

@@ -33,6 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -117,12 +118,17 @@ class Sender:
 class BroadcastSync:
     """What the broadcast syncs share: a push connects to the servers (the first time, and after a
     failure), sends, and on a failure has the version go by disk (``_recover``); then the probe check.
-    ``engine`` is rank 0's, None elsewhere."""
+    ``engine`` is rank 0's, None elsewhere; ``host`` is the address the fleet binds (the default
+    sender address follows it)."""
 
-    engine: RemoteEngine | None
-    probe: ProbeCheck
-    disk: DiskSync
-    connected: bool
+    def __init__(self, engine: RemoteEngine | None, chunks: Sequence[torch.nn.Module], probe: ProbeCheck,
+                 cfg: SyncConfig, root: Path, write_files: Callable[[Path], None], host: str, timeout_s: float):
+        self.engine, self.chunks, self.probe = engine, [unwrap_model(c) for c in chunks], probe
+        self.cfg, self.timeout_s = cfg, timeout_s
+        self.disk = DiskSync(engine, chunks, probe, root, cfg.keep_last, write_files)  # what a failed push falls back to
+        self.address = sender_address(cfg, host)
+        self.dtype = self.chunks[0].config.params_dtype
+        self.connected = False
 
     def _pushing(self) -> AbstractContextManager:
         """What holds for the whole of one push (from its connection to its recovery)."""
@@ -160,6 +166,29 @@ class BroadcastSync:
                 return False
         return True
 
+    def _fire(self, call: Callable[[Any, int], None]) -> list[tuple[int, Future]]:
+        """Rank 0: ``call(server, index)`` on every server in threads, not waited for (the calls
+        that join a collective return only once the trainer's side has joined it too). A new pool
+        per call: a server that hangs past its timeout must not hold up the next call."""
+        if self.engine is None:
+            return []
+        pool = ThreadPoolExecutor(len(self.engine.fleet.members))
+        futures = [(m.index, pool.submit(call, m.server, m.index)) for m in self.engine.fleet.members]
+        pool.shutdown(wait=False)
+        return futures
+
+    @staticmethod
+    def _failed(pending: list[tuple[int, Future]]) -> set[int]:
+        """The servers whose call in ``pending`` failed (each logged), once all have returned."""
+        failed = set()
+        for index, future in pending:
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - logged; the push is recovered from disk
+                log.warning("server %d: %s", index, exc)
+                failed.add(index)
+        return failed
+
 
 class DistributedSync(BroadcastSync):
     """Bucketed broadcasts from every stage's sender to every server (``engine``: rank 0's, None
@@ -167,17 +196,12 @@ class DistributedSync(BroadcastSync):
 
     def __init__(self, engine: SGLangEngine | None, chunks: Sequence[torch.nn.Module], probe: ProbeCheck,
                  cfg: SyncConfig, root: Path, write_files: Callable[[Path], None], host: str, timeout_s: float):
-        self.engine, self.chunks, self.probe = engine, [unwrap_model(c) for c in chunks], probe
-        self.cfg, self.timeout_s = cfg, timeout_s
-        self.disk = DiskSync(engine, chunks, probe, root, cfg.keep_last, write_files)  # what a failed push falls back to
-        self.address = sender_address(cfg, host)
+        super().__init__(engine, chunks, probe, cfg, root, write_files, host, timeout_s)
         self.backend = cfg.backend if cfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
-        self.dtype = self.chunks[0].config.params_dtype
         self.group: dist.ProcessGroup | None = None  # this rank's weight group (stage senders)
         self.senders: list[Sender] = []
         self.buckets: list[Bucket] = []
         self.tp_sizes: list[int] = []  # rank 0: each server's TP size (its /server_info)
-        self.connected = False
         self.nonce = ""  # names this connection's groups
         self.failed: set[int] = set()  # rank 0: the servers that failed the current push
 
@@ -201,8 +225,8 @@ class DistributedSync(BroadcastSync):
         world, self.nonce = broadcast_from_rank0(lambda: (1 + sum(self.tp_sizes), secrets.token_hex(3)))
         for sender in self.senders:
             name = self.group_name(sender.stage)
-            pending = self._fire(lambda server, offset, s=sender, n=name: server.init_weights_update_group(
-                s.address, s.port, offset, world, n, self.backend))
+            pending = self._fire(lambda server, i, s=sender, n=name: server.init_weights_update_group(
+                s.address, s.port, 1 + sum(self.tp_sizes[:i]), world, n, self.backend))
             joined = True
             if mine is not None and mine[0].stage == sender.stage:
                 try:
@@ -221,29 +245,12 @@ class DistributedSync(BroadcastSync):
         hold the group of one that failed)."""
         return f"opsd-pp_{stage}-{self.nonce}"
 
-    def _fire(self, call: Callable[..., None]) -> list[tuple[int, Future]]:
-        """Rank 0: ``call(server, rank_offset)`` on every server in threads, not waited for (the
-        calls that join a collective return only once the trainer's side has joined it too). A new
-        pool per call: a server that hangs past its timeout must not hold up the next bucket's request."""
-        if self.engine is None:
-            return []
-        pool = ThreadPoolExecutor(len(self.engine.fleet.members))
-        offsets = [1 + sum(self.tp_sizes[:i]) for i in range(len(self.engine.fleet.members))]
-        futures = [(m.index, pool.submit(call, m.server, offset)) for m, offset in zip(self.engine.fleet.members, offsets)]
-        pool.shutdown(wait=False)
-        return futures
-
     def _all_ok(self, ok_here: bool, pending: list[tuple[int, Future]]) -> bool:
         """Whether this rank's part and (rank 0) every server call succeeded, on every rank
         (collective); the servers that failed join ``failed``."""
-        for index, future in pending:
-            try:
-                future.result()
-            except Exception as exc:  # noqa: BLE001 - logged; the push is recovered from disk
-                log.warning("server %d: %s", index, exc)
-                self.failed.add(index)
-                ok_here = False
-        return agree(ok_here)
+        failed = self._failed(pending)
+        self.failed |= failed
+        return agree(ok_here and not failed)
 
     def _disconnect(self) -> None:
         """Drop every weight group (after a failure): the next push builds them anew."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Protocol
@@ -36,16 +35,13 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.utils import unwrap_model
 
 from megatron_opsd.models.bridge import is_stage_sender, stage_hf_shapes, stage_hf_tensors
 from megatron_opsd.platform import current_device, free_port
 from megatron_opsd.rollout.remote.http import ServerError
 from megatron_opsd.rollout.sglang.weight_group import destroy_weight_group, init_weight_group
 from megatron_opsd.rollout.sync.base import ProbeCheck, SyncConfig
-from megatron_opsd.rollout.sync.disk import DiskSync
-from megatron_opsd.rollout.sync.distributed import BroadcastSync, agree, sender_address
-from megatron_opsd.rollout.vllm.client import VLLMServer
+from megatron_opsd.rollout.sync.distributed import BroadcastSync, agree
 from megatron_opsd.rollout.vllm.engine import VLLMEngine
 
 log = logging.getLogger(__name__)
@@ -129,15 +125,10 @@ class VLLMTransferSync(BroadcastSync):
     def __init__(self, engine: VLLMEngine | None, chunks: Sequence[torch.nn.Module], probe: ProbeCheck,
                  cfg: SyncConfig, root: Path, write_files: Callable[[Path], None], host: str, backend: str,
                  timeout_s: float):
-        self.engine, self.chunks, self.probe = engine, [unwrap_model(c) for c in chunks], probe
-        self.cfg, self.timeout_s = cfg, timeout_s
-        self.disk = DiskSync(engine, chunks, probe, root, cfg.keep_last, write_files)  # what a failed push falls back to
-        self.address = sender_address(cfg, host)
+        super().__init__(engine, chunks, probe, cfg, root, write_files, host, timeout_s)
         self.transport = TRANSPORTS[backend](timeout_s)
-        self.dtype = self.chunks[0].config.params_dtype
         self.stages: list[Shapes] = []  # every stage's (name, shape) list, in stage order
         self.senders: list[int] = []  # every stage's sender's global rank
-        self.connected = False
         self.opened = False  # an update was opened on the servers in this push
 
     def _pushing(self) -> AbstractContextManager:
@@ -176,7 +167,7 @@ class VLLMTransferSync(BroadcastSync):
         except Exception:  # logged; this version goes by disk
             log.exception("could not open the weight-transfer group at %s:%d", self.address, port)
             return False
-        return self._answered(pending)
+        return not self._failed(pending)
 
     def _disconnect(self) -> None:
         self.transport.close()
@@ -196,7 +187,7 @@ class VLLMTransferSync(BroadcastSync):
             pending = self._fire(lambda server, _, s=shapes: server.update_weights(
                 [name for name, _ in s], [str(self.dtype).removeprefix("torch.")] * len(s), [list(sh) for _, sh in s]))
             ok = self._stream(stage, shapes)
-            ok = self._answered(pending) and ok
+            ok = not self._failed(pending) and ok
             if not agree(ok):
                 return False
         if self.engine is not None:
@@ -233,28 +224,6 @@ class VLLMTransferSync(BroadcastSync):
                 received = torch.empty(shape, dtype=self.dtype, device=current_device())
                 dist.recv(received, src=sender)
                 deliver(received)
-        return ok
-
-    def _fire(self, call: Callable[[VLLMServer, int], None]) -> list[tuple[int, Future]]:
-        """Rank 0: ``call(server, index)`` on every server in threads, not waited for (the calls
-        return once the trainer's side of their collective is done). A new pool per call: a server
-        that hangs past its timeout must not hold up the next stage."""
-        if self.engine is None:
-            return []
-        pool = ThreadPoolExecutor(len(self.engine.fleet.members))
-        futures = [(m.index, pool.submit(call, m.server, m.index)) for m in self.engine.fleet.members]
-        pool.shutdown(wait=False)
-        return futures
-
-    @staticmethod
-    def _answered(pending: list[tuple[int, Future]]) -> bool:
-        ok = True
-        for index, future in pending:
-            try:
-                future.result()
-            except Exception as exc:  # noqa: BLE001 - logged; the push is recovered from disk
-                log.warning("server %d: %s", index, exc)
-                ok = False
         return ok
 
     def _recover(self, version: int) -> int:

@@ -183,6 +183,27 @@ def test_update_weights_logits_equal_reference_model(engine, weights):
         engine.update_weights(weights.items(), version=1)
 
 
+def test_adopted_weights_are_the_senders_tensors_and_follow_their_changes(weights):
+    engine = EmbeddedEngine.from_hf_config(CONFIG)
+    sent = {name: t.clone() for name, t in weights.items()}
+    sent["model.norm.weight"] = sent["model.norm.weight"].double()  # another dtype: copied, cast
+    engine.update_weights(sent.items(), version=3, adopt=True)
+    params = dict(engine.model.named_parameters())
+    assert all(params[name].data_ptr() == t.data_ptr() for name, t in sent.items() if name != "model.norm.weight")
+    assert params["model.norm.weight"].dtype == torch.float32 and torch.equal(
+        params["model.norm.weight"], sent["model.norm.weight"].float())
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        before = engine.model(ids).logits
+        sent["model.embed_tokens.weight"].mul_(2)  # the sender changes it in place: so does the tied head
+        after = engine.model(ids).logits
+    reference = AutoModelForCausalLM.from_config(CONFIG)
+    reference.load_state_dict({name: t.float() for name, t in sent.items()}, strict=False)
+    with torch.no_grad():
+        assert not torch.equal(before, after) and torch.equal(after, reference(ids).logits)
+    assert engine.weight_version == 3
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda w: {k: v for k, v in w.items() if k != "model.norm.weight"}, "not received: model.norm.weight"),
     (lambda w: {**w, "model.layers.9.mlp.up_proj.weight": torch.zeros(3)},

@@ -134,8 +134,8 @@ class AlteredInTransit:
     def __getattr__(self, name):  # everything else is the engine's
         return getattr(self.engine, name)
 
-    def update_weights(self, tensors, version):
-        self.engine.update_weights((self.alter(name, tensor) for name, tensor in tensors), version)
+    def update_weights(self, tensors, version, **options):
+        self.engine.update_weights((self.alter(name, tensor) for name, tensor in tensors), version, **options)
 
 
 def altered_sync(alter):
@@ -338,6 +338,26 @@ def test_recorded_rollouts_and_a_counting_sync_replace_the_engine_and_the_sync(t
     # The engine's log-probs travel with the samples: the mismatch is against the recorded -1, -2, -3.
     assert all(r["mismatch/logprob_abs_diff_mean"] > 0.5 for r in records)
     assert not any(key.startswith("probe/") for r in records for key in r)
+
+
+@pytest.mark.parametrize("overrides, shared", [((), True), (("rollout.sync.interval=2",), False),
+                                               (("rollout.async=1",), False)])
+def test_the_inprocess_engine_holds_the_trainers_weights_only_when_synced_every_step(tmp_path, hf_dir, overrides,
+                                                                                      shared):
+    """Synced every step without rollouts ahead, the engine's parameters are the trainer's own
+    storage (all but the split QKV at TP 1); otherwise each push copies into the engine's own."""
+    c = build_components(load_train(write_config(tmp_path, hf_dir, eval={"data": None}, checkpoint={"enabled": False}),
+                                    *overrides))
+    c.weight_sync.push(1)
+    trainer = {p.untyped_storage().data_ptr() for chunk in c.chunks for p in chunk.parameters()}
+    engine = {name: p for name, p in c.engine.model.named_parameters()}
+    adopted = {name for name, p in engine.items() if p.untyped_storage().data_ptr() in trainer}
+    if shared:
+        assert {name for name in engine if name not in adopted} == {
+            name for name in engine if re.search(r"self_attn\.[qkv]_proj", name)}
+    else:
+        assert not adopted
+    assert c.engine.weight_version == 1
 
 
 def test_sft_samples_render_the_requested_share_with_the_teacher_prompt():

@@ -34,7 +34,7 @@ from pydantic import Field
 from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
 
 from megatron_opsd.models.architectures import SUPPORTED_ARCHITECTURES
-from megatron_opsd.rollout.engine import EngineHealth, Rollout, SamplingParams, sequence_seed
+from megatron_opsd.rollout.engine import EngineHealth, Rollout, SamplingParams, sequence_seed, target_logprobs
 from megatron_opsd.section import Section
 
 
@@ -184,19 +184,22 @@ class EmbeddedEngine:
                 ids[row, :len(seq)] = torch.tensor(seq)
                 mask[row, :len(seq)] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
-            if self._plain_head:
-                logits = self._head(self.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1])
+            if self._plain_head:  # the output layer a few positions at a time: no [B, T, V] logits
+                hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+                scored = [target_logprobs(self._head(h).flatten(0, 1), t.flatten(), temperature).view(len(chunk), -1)
+                          for h, t in zip(hidden.split(16, dim=1), ids[:, 1:].split(16, dim=1), strict=True)]
+                picked = torch.cat(scored, dim=1).cpu()
             else:
                 logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            logits = logits.float()
-            picked = torch.log_softmax(logits / temperature, dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
+                picked = target_logprobs(logits.flatten(0, 1), ids[:, 1:].flatten(), temperature).view(len(chunk), -1).cpu()
             out += [picked[row, :len(seq) - 1] for row, seq in enumerate(chunk)]
         return out
 
     # -- weights and health ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int, *, partial: bool = False) -> None:
+    def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int, *, partial: bool = False,
+                       adopt: bool = False) -> None:
         """Copy HF-named tensors into the model one at a time; every parameter must arrive exactly once.
 
         The whole stream is read before judging it, so that one error lists every problem: any
@@ -205,6 +208,8 @@ class EmbeddedEngine:
         succeeds; so does a stream that fails midway. Dtypes are cast. ``partial``: one bucket of
         an update streamed in several (a server's ``update_weights_from_distributed``): parameters
         may be missing, and success neither makes a broken engine usable nor changes its version.
+        ``adopt``: a tensor of the parameter's dtype and device becomes the parameter's storage instead
+        of being copied; a view of another model's weights is then read as that model changes them.
         """
         params = dict(self.model.named_parameters())
         received: set[str] = set()
@@ -215,9 +220,13 @@ class EmbeddedEngine:
                     else self._weight_error(params, name, tensor.shape, received)
                 if error:
                     errors.append(error)
+                    continue
+                param = params[name]
+                if adopt and (tensor.dtype, tensor.device) == (param.dtype, param.device):
+                    param.data = tensor.detach()
                 else:
-                    params[name].copy_(tensor)
-                    received.add(name)
+                    param.copy_(tensor)
+                received.add(name)
         except BaseException:
             self._broken = f"weight update to version {version} failed midway"
             raise

@@ -66,6 +66,7 @@ from megatron_opsd.models.checkpoint import (
 )
 from megatron_opsd.models.lora import LoraConfig, has_adapters, is_adapter_param
 from megatron_opsd.section import Section
+from megatron_opsd.train.optim import fuse_cpu_adam
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class OptimizerState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _load_optimizer(self.optimizer, state)
+        fuse_cpu_adam(self.optimizer)
 
 
 class RNGState:

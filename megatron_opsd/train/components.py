@@ -34,6 +34,7 @@ from megatron_opsd.models.checkpoint import ShardedStateful, Stateful
 from megatron_opsd.models.lora import add_adapters, has_adapters
 from megatron_opsd.models.peft_format import load_peft_adapters
 from megatron_opsd.parallel import Layout, initialize, on_rank0
+from megatron_opsd.platform import release_free_host_memory
 from megatron_opsd.rollout.engine import RolloutEngine
 from megatron_opsd.rollout.factory import build_engine
 from megatron_opsd.rollout.sync.base import ProbeCheck, WeightSync
@@ -144,10 +145,12 @@ def build_components(cfg: TrainConfig) -> Components:
         probe = ProbeCheck(chunks, _probe_ids(cfg, prompts, problems.problems[0], sampling.stop_token_ids),
                            1.0, cfg.rollout.sync.probe_tolerance, hf_config.vocab_size)
         weight_sync = build_weight_sync(cfg.rollout.sync, engine, chunks, probe, cfg.rollout.engine,
-                                        Path(cfg.rollout.sync.dir or run_dir / "weights"), write_files)
+                                        Path(cfg.rollout.sync.dir or run_dir / "weights"), write_files,
+                                        rollouts_ahead=bool(cfg.rollout.async_))
     data = ProblemIterator(problems, cfg.data.seed, cfg.data.shuffle)
     rollouts = RolloutSource(data, prompts, sampling, algorithm.rollouts_per_prompt, cfg.prompts_per_step, cfg.seed,
                              ahead=bool(cfg.rollout.async_), checks_versions=weight_sync is not None)
+    release_free_host_memory()
     return Components(
         cfg=cfg, tokenizer=tokenizer, hf_config=hf_config, prompts=prompts, data=data, eval_problems=eval_problems,
         chunks=chunks, optimizer=optimizer, scheduler=scheduler, algorithm=algorithm, runner=runner,

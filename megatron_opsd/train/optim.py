@@ -8,7 +8,8 @@ inverse. ``wrap_for_training`` sets that up, so the gradient is independent of h
 split into micro-batches and DP ranks.
 
 Precision follows the model: a bf16 model gets Megatron's mixed-precision optimizer with fp32
-master weights (GPU), an fp32 model (CPU) a plain fp32 AdamW.
+master weights (GPU), an fp32 model (CPU) a plain fp32 AdamW. On CPU that AdamW is torch's fused
+kernel (:func:`fuse_cpu_adam`).
 """
 from __future__ import annotations
 
@@ -85,6 +86,7 @@ def build_optimizer(
         use_distributed_optimizer=chunks[0].ddp_config.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, list(chunks))
+    fuse_cpu_adam(optimizer)
     model_config.grad_scale_func = optimizer.scale_loss
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -100,6 +102,24 @@ def build_optimizer(
         wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+def fuse_cpu_adam(optimizer: MegatronOptimizer) -> None:
+    """Switch torch Adam(W)s over CPU parameters to torch's fused kernel (the same update).
+
+    Without TE or Apex, Megatron builds ``torch.optim.AdamW`` with its default implementation,
+    which on CPU is the single-tensor loop: each parameter's update allocates parameter-sized
+    temporaries (``sqrt``, the division), the run's peak memory once the vocabulary-sized embedding's
+    turn comes, and it is several times slower. Call again after loading a state dict: torch
+    restores the saved groups' settings with it.
+    """
+    for opt in optimizer.chained_optimizers:
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam):  # AdamW derives from it; TE/Apex FusedAdam do not
+            continue
+        if all(p.device.type == "cpu" for group in inner.param_groups for p in group["params"]):
+            for group in [inner.defaults, *inner.param_groups]:
+                group["fused"], group["foreach"] = True, False
 
 
 @torch.no_grad()

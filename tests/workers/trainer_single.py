@@ -131,6 +131,25 @@ def check_nan_skips_step_and_counts():
         hook.remove()
 
 
+def check_cpu_adamw_is_fused_and_makes_the_single_tensor_update():
+    c, batches = built("optim.clip_grad=0", "optim.weight_decay=0.1")
+    (inner,) = [opt.optimizer for opt in c.optimizer.chained_optimizers]
+    assert all(group["fused"] for group in inner.param_groups), [group["fused"] for group in inner.param_groups]
+    pairs = [(p, torch.nn.Parameter(p.detach().clone())) for group in inner.param_groups for p in group["params"]]
+    copies = {id(p): r for p, r in pairs}
+    single = torch.optim.AdamW(  # the same groups (Megatron exempts norms and biases from decay)
+        [{**{k: v for k, v in group.items() if k not in ("params", "fused", "foreach")},
+          "params": [copies[id(p)] for p in group["params"]]} for group in inner.param_groups],
+        foreach=False, fused=False)
+    for _ in range(2):  # the second step has moments to update
+        assert c.runner(batches).applied
+        for p, r in pairs:
+            r.grad = p.grad.detach().clone()
+        single.step()
+    for p, r in pairs:
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+
+
 def check_ema_teacher_of_a_bf16_model_checkpoints_its_fp32_average():
     initialize(Layout())
     chunks = build_model(CONFIGS["qwen3"], torch.bfloat16)

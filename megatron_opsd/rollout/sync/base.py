@@ -31,14 +31,15 @@ from pydantic import Field
 from megatron_opsd.models.forward import forward_only
 from megatron_opsd.models.gpt import attention_mask
 from megatron_opsd.parallel import broadcast_from_rank0
-from megatron_opsd.rollout.engine import ProbeMismatchError, RolloutEngine
+from megatron_opsd.rollout.engine import ProbeMismatchError, RolloutEngine, target_logprobs
 from megatron_opsd.section import Section
 
 
 class SyncConfig(Section):
     kind: Literal["inprocess", "disk", "distributed", "none"] = Field(
         default="inprocess", description="inprocess: stream the weights into the embedded engine in rank 0's "
-        "process; disk: an HF directory per version that every server loads (rollout.engine.kind sglang); "
+        "process (synced every step without rollouts ahead, it reads the trainer's own parameters instead of a "
+        "copy); disk: an HF directory per version that every server loads (rollout.engine.kind sglang); "
         "distributed: broadcast from the trainer to every server (sglang: buckets from each pipeline stage; vllm: its "
         "weight-transfer protocol, rollout.engine.servers.weight_transfer); none: the engine's "
         "rollouts do not depend on the trainer's weights (recorded rollouts)")
@@ -97,8 +98,7 @@ class ProbeCheck:
         out = forward_only(self.chunks, [{k: v.to(device) for k, v in mb.items()}], output="logits", gather_logits=True)
         worst = torch.zeros((), dtype=torch.float64, device=device)
         if out is not None:
-            logits = out[0][0, :-1, :self.vocab_size].float() / temperature
-            trainer = torch.log_softmax(logits, -1).gather(-1, tokens[0, 1:, None].to(device))[:, 0].cpu()
+            trainer = target_logprobs(out[0][0, :-1, :self.vocab_size], tokens[0, 1:].to(device), temperature).cpu()
             worst.fill_(float((trainer - from_engine).abs().max()))
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         if not worst <= self.tolerance:

@@ -26,17 +26,18 @@ FEEDS: dict[str, tuple[type, ...]] = {"inprocess": (EmbeddedEngine,), "disk": (R
 
 def build_weight_sync(cfg: SyncConfig, engine: RolloutEngine | None, chunks: Sequence[torch.nn.Module],
                       probe: ProbeCheck, engine_cfg: EngineSection, root: Path,
-                      write_files: Callable[[Path], None]) -> WeightSync | None:
+                      write_files: Callable[[Path], None], *, rollouts_ahead: bool = False) -> WeightSync | None:
     """The strategy ``cfg.kind`` names; None for ``none``. ``engine`` is this rank's (None off rank
     0), built from ``engine_cfg``; versions are written under ``root`` (disk, and distributed's
-    recovery), each with ``write_files(dir)`` (config, tokenizer)."""
+    recovery), each with ``write_files(dir)`` (config, tokenizer). An in-process engine shares the
+    trainer's weights when it is synced every step and does not sample ahead (``rollouts_ahead``)."""
     if cfg.kind == "none":
         return None
     if engine is not None and not isinstance(engine, FEEDS[cfg.kind]):
         raise ValueError(f"rollout.sync.kind={cfg.kind} feeds the {' or '.join(t.__name__ for t in FEEDS[cfg.kind])}, "
                          f"not {type(engine).__name__}")
     if cfg.kind == "inprocess":
-        return InProcessSync(engine, chunks, probe)
+        return InProcessSync(engine, chunks, probe, share=cfg.interval == 1 and not rollouts_ahead)
     if cfg.kind == "disk":
         return DiskSync(engine, chunks, probe, root, cfg.keep_last, write_files)
     if isinstance(engine_cfg, VLLMEngineConfig):

@@ -16,10 +16,20 @@ from megatron_opsd.rollout.sync.base import ProbeCheck
 
 class InProcessSync:
     """Streams the whole model into an :class:`EmbeddedEngine` in global rank 0's process
-    (``engine`` is None on every other rank)."""
+    (``engine`` is None on every other rank).
 
-    def __init__(self, engine: EmbeddedEngine | None, chunks: Sequence[torch.nn.Module], probe: ProbeCheck):
-        self.engine, self.chunks, self.probe = engine, [unwrap_model(c) for c in chunks], probe
+    ``share``: the engine adopts the streamed tensors rather than copying them. On a rank holding
+    whole weights (TP 1, the first pipeline stage) most are the trainer's parameters themselves
+    (all but the fused QKV, which is split), so the engine needs no copy of them and reads every
+    optimizer step as it happens: right only when each step's rollouts are generated after the
+    previous step's push and nothing samples while the trainer works (sync interval 1, no rollouts
+    ahead), and the teacher's weights, exchanged into the parameters for the teacher pass, are never
+    sampled from.
+    """
+
+    def __init__(self, engine: EmbeddedEngine | None, chunks: Sequence[torch.nn.Module], probe: ProbeCheck,
+                 share: bool = False):
+        self.engine, self.chunks, self.probe, self.share = engine, [unwrap_model(c) for c in chunks], probe, share
 
     def push(self, version: int) -> dict[str, float]:
         start = time.perf_counter()
@@ -27,7 +37,7 @@ class InProcessSync:
 
         def load() -> None:
             try:
-                self.engine.update_weights(stream, version)
+                self.engine.update_weights(stream, version, adopt=self.share)
             finally:
                 drain(stream)  # also after a refusal: the other ranks are in the exporter's collectives
 

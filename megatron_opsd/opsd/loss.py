@@ -515,6 +515,7 @@ def _forward_kl_chunk(zs: torch.Tensor, zt: torch.Tensor, clip: float | None, gr
     scratch tile that stays in cache (on CPU), four passes over each block instead of a dozen, and
     no third block. Three all-reduces, as there."""
     rows = _tile_rows(zs)
+    scratch = _tile(zs[:rows])
     peak = torch.stack([_row_max(zs), _row_max(zt)])
     _all_reduce(peak, dist.ReduceOp.MAX, group)
     stats = zs.new_zeros(3 if at is not None else 2, zs.shape[0])
@@ -524,7 +525,7 @@ def _forward_kl_chunk(zs: torch.Tensor, zt: torch.Tensor, clip: float | None, gr
         col = at.clamp(0, max(zs.shape[1] - 1, 0))[:, None]
     for r in range(0, zs.shape[0], rows):
         s_, t_ = zs[r:r + rows].sub_(peak[0, r:r + rows, None]), zt[r:r + rows].sub_(peak[1, r:r + rows, None])
-        tile = _tile(s_)
+        tile = scratch[:len(s_)]
         stats[0, r:r + rows] = torch.exp(s_, out=tile).sum(dim=-1)
         stats[1, r:r + rows] = torch.exp(t_, out=tile).sum(dim=-1)
         if at is not None and zs.shape[1]:
@@ -534,7 +535,7 @@ def _forward_kl_chunk(zs: torch.Tensor, zt: torch.Tensor, clip: float | None, gr
     sums = zs.new_empty(2, zs.shape[0])  # per token: loss, sum of h
     for r in range(0, zs.shape[0], rows):
         logp, logq = zs[r:r + rows].sub_(log_norm[0, r:r + rows, None]), zt[r:r + rows].sub_(log_norm[1, r:r + rows, None])
-        q = torch.exp(logq, out=_tile(logq))
+        q = torch.exp(logq, out=scratch[:len(logq)])
         terms = logq.sub_(logp).mul_(q)  # l_v = q (log q - log p), in zt's block
         if clip is not None:
             q.masked_fill_(terms > clip, 0.0)  # h = -a q
@@ -558,7 +559,8 @@ def _tile_rows(z: torch.Tensor) -> int:
 
 
 def _tile(like: torch.Tensor) -> torch.Tensor:
-    """A scratch tile shaped like ``like`` (rows of a block): block 3 on CPU, a fresh tensor elsewhere."""
+    """The chunk's one scratch tile, shaped like ``like`` (rows of a block): block 3 on CPU, a fresh
+    tensor elsewhere."""
     tile = _block(3, like.shape[0], like.shape[1], like.dtype, like.device)
     return tile if tile is not None else torch.empty_like(like)
 

@@ -19,13 +19,15 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 SHAPES = [(151_936, 256)] + [(1536, 256), (256, 768), (512, 256), (256, 256), (256,), (256,)] * 4
 KINDS = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
-def run(kind: str, steps: int) -> dict:
+def run(kind: str, steps: int, out: Path) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -40,7 +42,7 @@ def run(kind: str, steps: int) -> dict:
         optimizer.step()
         times.append(time.perf_counter() - start)
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    torch.save([p.detach() for p in params], f"/tmp/adamw_{kind}.pt")
+    torch.save([p.detach() for p in params], out / f"{kind}.pt")
     return {"step_s": statistics.median(times[1:]), "peak_mb": peak_mb}
 
 
@@ -49,23 +51,29 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)  # where a child leaves its parameters
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run(args.child, args.steps)))
+        print("RESULT " + json.dumps(run(args.child, args.steps, args.out)))
         return 0
+    with tempfile.TemporaryDirectory() as out:
+        return compare(args.steps, args.rounds, Path(out))
+
+
+def compare(steps: int, rounds: int, out: Path) -> int:
     results: dict[str, list[dict]] = {kind: [] for kind in KINDS}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for kind in KINDS:  # interleaved: the machine's speed drifts
-            out = subprocess.run([sys.executable, __file__, "--child", kind, "--steps", str(args.steps)],
-                                 capture_output=True, text=True, check=True).stdout
-            results[kind].append(json.loads(out.split("RESULT ", 1)[1]))
+            done = subprocess.run([sys.executable, __file__, "--child", kind, "--steps", str(steps), "--out", str(out)],
+                                  capture_output=True, text=True, check=True).stdout
+            results[kind].append(json.loads(done.split("RESULT ", 1)[1]))
     import torch
 
-    reference = torch.load("/tmp/adamw_single.pt")
+    reference = torch.load(out / "single.pt")
     base = {key: statistics.median(r[key] for r in results["single"]) for key in ("step_s", "peak_mb")}
     for kind, runs in results.items():
         step, peak = (statistics.median(r[key] for r in runs) for key in ("step_s", "peak_mb"))
-        diff = max(float((a - b).abs().max()) for a, b in zip(torch.load(f"/tmp/adamw_{kind}.pt"), reference))
+        diff = max(float((a - b).abs().max()) for a, b in zip(torch.load(out / f"{kind}.pt"), reference))
         print(f"{kind:8s} step {step:.3f} s (x{step / base['step_s']:.2f}), peak +{peak:.0f} MB "
               f"(x{peak / base['peak_mb']:.2f}), max |param - single| {diff:.1e}")
     return 0

@@ -339,19 +339,21 @@ def _run_chunks(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.
     stash = torch.empty(min(block, n), valid, dtype=ws.dtype, device=ws.device) \
         if want_w and cfg.weight_grad_chunks > 1 else None
     tiled = cfg.kind == "forward_kl" and cfg.top_k is None and not cfg.sampled_token
-    at_loss_temperature = sampled is None or (
-        sampled.temperature == cfg.temperature and cfg.top_k is None and not cfg.sampled_token)
+    # The sampled tokens' log-probs: the loss's own log-softmax of zs when it is the same one
+    # (same temperature, whole vocabulary), else formed from zs (in the third block) before the
+    # loss consumes it.
+    from_loss = sampled is not None and sampled.temperature == cfg.temperature and cfg.top_k is None \
+        and not cfg.sampled_token
+    third_block = not tiled or (sampled is not None and not from_loss)
     for s in range(0, n, cfg.chunk_size):
         e = min(s + cfg.chunk_size, n)
         blocks = [_block(i, e - s, valid, acc, hs.device) for i in range(2)]
-        blocks.append(None if tiled and at_loss_temperature else _block(2, e - s, valid, acc, hs.device))
+        blocks.append(_block(2, e - s, valid, acc, hs.device) if third_block else None)
         zs = _scaled_logits(hs[s:e], ws_v, cfg.temperature, acc, out=blocks[0])
         zt = _scaled_logits(ht[s:e], wt_v, cfg.temperature, acc, out=blocks[1])
-        # The sampled tokens' log-probs: the loss's own log-softmax of zs when it is the same one
-        # (same temperature, whole vocabulary), else formed from zs before the loss consumes it.
         at = None
         if sampled is not None:
-            if at_loss_temperature:
+            if from_loss:
                 at = sampled.targets[s:e] - start
             else:
                 sampled.values[s:e] = _target_logprobs(zs, sampled.targets[s:e] - start,
@@ -437,7 +439,8 @@ def _log_softmax_pair(zs: torch.Tensor, zt: torch.Tensor, group: dist.ProcessGro
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Turn ``zs``, ``zt`` into vocab-parallel log-softmax in place (two all-reduces of ``[2, c]``)
     and return the softmax of ``zt`` (in ``out`` when given: the exponentials its normalizer is
-    summed from, divided by it).
+    summed from, divided by it). An ``out`` of fewer rows is a tile the exponentials are summed
+    through a few rows at a time; the softmax is then not kept (None).
 
     With ``local_index`` (``[c]`` column in this shard, or out of range when another rank holds
     it) also returns the two log-probabilities at that column, ``[2, c]``, globally.
@@ -447,7 +450,12 @@ def _log_softmax_pair(zs: torch.Tensor, zt: torch.Tensor, group: dist.ProcessGro
     zs.sub_(peak[0, :, None])
     zt.sub_(peak[1, :, None])
     exp = out if out is not None else torch.empty_like(zt)
-    stats = [torch.exp(zs, out=exp).sum(dim=-1), torch.exp(zt, out=exp).sum(dim=-1)]
+    sums, step = zs.new_empty(2, len(zs)), max(len(exp), 1)
+    for r in range(0, len(zs), step):
+        tile = exp[:min(step, len(zs) - r)]
+        sums[0, r:r + step] = torch.exp(zs[r:r + step], out=tile).sum(dim=-1)
+        sums[1, r:r + step] = torch.exp(zt[r:r + step], out=tile).sum(dim=-1)
+    stats = list(sums)
     if local_index is not None:
         here = (local_index >= 0) & (local_index < zs.shape[1])
         col = local_index.clamp(0, max(zs.shape[1] - 1, 0))[:, None]
@@ -459,7 +467,8 @@ def _log_softmax_pair(zs: torch.Tensor, zt: torch.Tensor, group: dist.ProcessGro
     log_norm = stats[:2].log()
     zs.sub_(log_norm[0, :, None])
     zt.sub_(log_norm[1, :, None])
-    return exp.div_(stats[1, :, None]), (stats[2:] - log_norm if local_index is not None else None)
+    softmax = exp.div_(stats[1, :, None]) if len(exp) == len(zt) else None
+    return softmax, (stats[2:] - log_norm if local_index is not None else None)
 
 
 def _divergence_chunk(zs: torch.Tensor, zt: torch.Tensor, cfg: LossConfig, group: dist.ProcessGroup | None,
@@ -512,29 +521,13 @@ def _forward_kl_chunk(zs: torch.Tensor, zt: torch.Tensor, clip: float | None, gr
                       at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`_divergence_chunk` for forward KL over the whole vocabulary in the two input blocks
     (``dL/dz_S`` is returned in ``zt``'s): the per-entry work runs a few rows at a time through a
-    scratch tile that stays in cache (on CPU), four passes over each block instead of a dozen, and
-    no third block. Three all-reduces, as there."""
+    scratch tile (on CPU) instead of a third block. Three all-reduces, as there."""
     rows = _tile_rows(zs)
     scratch = _tile(zs[:rows])
-    peak = torch.stack([_row_max(zs), _row_max(zt)])
-    _all_reduce(peak, dist.ReduceOp.MAX, group)
-    stats = zs.new_zeros(3 if at is not None else 2, zs.shape[0])
-    here = col = None
-    if at is not None:
-        here = (at >= 0) & (at < zs.shape[1])
-        col = at.clamp(0, max(zs.shape[1] - 1, 0))[:, None]
-    for r in range(0, zs.shape[0], rows):
-        s_, t_ = zs[r:r + rows].sub_(peak[0, r:r + rows, None]), zt[r:r + rows].sub_(peak[1, r:r + rows, None])
-        tile = scratch[:len(s_)]
-        stats[0, r:r + rows] = torch.exp(s_, out=tile).sum(dim=-1)
-        stats[1, r:r + rows] = torch.exp(t_, out=tile).sum(dim=-1)
-        if at is not None and zs.shape[1]:
-            stats[2, r:r + rows] = s_.gather(1, col[r:r + rows]).squeeze(1).masked_fill(~here[r:r + rows], 0.0)
-    _all_reduce(stats, dist.ReduceOp.SUM, group)
-    log_norm = stats[:2].log()
+    _, logp_at = _log_softmax_pair(zs, zt, group, at, out=scratch)  # zs, zt: log p, log q
     sums = zs.new_empty(2, zs.shape[0])  # per token: loss, sum of h
     for r in range(0, zs.shape[0], rows):
-        logp, logq = zs[r:r + rows].sub_(log_norm[0, r:r + rows, None]), zt[r:r + rows].sub_(log_norm[1, r:r + rows, None])
+        logp, logq = zs[r:r + rows], zt[r:r + rows]
         q = torch.exp(logq, out=scratch[:len(logq)])
         terms = logq.sub_(logp).mul_(q)  # l_v = q (log q - log p), in zt's block
         if clip is not None:
@@ -547,7 +540,7 @@ def _forward_kl_chunk(zs: torch.Tensor, zt: torch.Tensor, clip: float | None, gr
     _all_reduce(sums, dist.ReduceOp.SUM, group)
     for r in range(0, zs.shape[0], rows):
         zt[r:r + rows].sub_(zs[r:r + rows].mul_(sums[1, r:r + rows, None]))  # dL/dz_S = h - p * sum(h)
-    return sums[0], zt, (stats[2] - log_norm[0] if at is not None else None)
+    return sums[0], zt, (logp_at[0] if logp_at is not None else None)
 
 
 def _tile_rows(z: torch.Tensor) -> int:

@@ -17,7 +17,7 @@ install() {
 }
 
 write_config() {
-    rm -rf "$DIR/state" "$DIR/spool"   # no jobs or node states from an earlier start
+    rm -rf "$DIR/state" "$DIR/spool" "$DIR/log"   # no jobs, node states or log lines from an earlier start
     mkdir -p "$DIR/state" "$DIR/log" "$DIR/spool"
     cat >"$DIR/slurm.conf" <<CONF
 ClusterName=opsd
@@ -58,13 +58,13 @@ start() {
     [ -s /etc/munge/munge.key ] || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
     chown -R munge:munge /run/munge /var/log/munge /var/lib/munge /etc/munge
     chmod 400 /etc/munge/munge.key
-    [ -S /run/munge/munge.socket.2 ] || su -s /bin/sh munge -c /usr/sbin/munged
+    start_munge
     export SLURM_CONF=$DIR/slurm.conf
     slurmctld -i
     slurmd -N n1
     slurmd -N n2
     for _ in $(seq 60); do
-        [ "$(sinfo -h -o %t 2>/dev/null | sort -u)" = "idle" ] && { echo "SLURM up: SLURM_CONF=$SLURM_CONF"; return; }
+        [ "$(timeout 5 sinfo -h -o %t 2>/dev/null | sort -u)" = "idle" ] && { echo "SLURM up: SLURM_CONF=$SLURM_CONF"; return; }
         sleep 0.5
     done
     echo "local SLURM did not come up; logs in $DIR/log:" >&2
@@ -72,10 +72,22 @@ start() {
     return 1
 }
 
-daemons() {  # the PIDs of this SLURM's controller and nodes that are running
-    local f
-    for f in "$DIR"/slurmctld.pid "$DIR"/slurmd-*.pid; do
-        [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && cat "$f"
+munge_works() { timeout 5 munge -n 2>/dev/null | timeout 5 unmunge >/dev/null 2>&1; }
+
+start_munge() {  # a munged that answers: a socket left by a killed one (machine restarts keep /run) is not one
+    munge_works && return
+    rm -f /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock /run/munge/munged.pid
+    su -s /bin/sh munge -c /usr/sbin/munged
+    for _ in $(seq 40); do munge_works && return; sleep 0.25; done
+    echo "munged does not answer; its log, /var/log/munge/munged.log:" >&2
+    tail -n 20 /var/log/munge/munged.log >&2
+    return 1
+}
+
+daemons() {  # the PIDs of this SLURM's controller and nodes: SLURM processes started with its SLURM_CONF
+    local pid
+    for pid in $(pgrep -x slurmctld; pgrep -x slurmd; pgrep -x slurmstepd); do
+        { tr '\0' '\n' <"/proc/$pid/environ"; } 2>/dev/null | grep -qxF "SLURM_CONF=$DIR/slurm.conf" && echo "$pid"
     done
     return 0
 }
@@ -89,6 +101,7 @@ stop() {
     [ -z "$left" ] || kill $left 2>/dev/null || true
     local munged
     munged=$(cat /run/munge/munged.pid 2>/dev/null) || return 0
+    [ "$(cat "/proc/$munged/comm" 2>/dev/null)" = munged ] || return 0   # a PID file a killed munged left
     kill "$munged" 2>/dev/null || return 0
     for _ in $(seq 20); do kill -0 "$munged" 2>/dev/null || break; sleep 0.25; done
 }

@@ -36,7 +36,8 @@ def runs(tmp_path_factory):
 SINGLE = ["reference_grads_and_microbatch_independence", "overfit_tp1", "teacher_fixed_no_grad_and_unchanged",
           "teacher_ema_matches_hand_computation", "teacher_live_is_current_weights", "sft_has_no_teacher_and_packs_one_side",
           "nan_skips_step_and_counts", "ema_teacher_of_a_bf16_model_checkpoints_its_fp32_average",
-          "cpu_adamw_is_fused_and_makes_the_single_tensor_update"]
+          "cpu_adamw_is_fused_and_makes_the_single_tensor_update",
+          "embedding_gradient_is_sparse_under_ddp_and_lands_in_main_grad"]
 MULTI = ["grads_tp2", "grads_pp2", "grads_dp2", "overfit_tp2", "overfit_pp2", "uninterrupted_run",
          "tp2_checkpoint_resumes_at_tp1"]
 

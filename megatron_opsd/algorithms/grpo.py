@@ -32,7 +32,7 @@ from megatron_opsd.data.prompts import PromptBuilder
 from megatron_opsd.data.sample import ROLLOUT_LOGPROBS, Sample
 from megatron_opsd.data.sources import Problem
 from megatron_opsd.eval.grader import grade
-from megatron_opsd.opsd.logprobs import token_logprobs
+from megatron_opsd.models.logprobs import token_logprobs
 from megatron_opsd.section import Section
 
 ADVANTAGE, TOKEN_WEIGHT = "advantage", "token_weight"

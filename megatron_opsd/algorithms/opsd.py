@@ -144,16 +144,22 @@ def divergence_diagnostics(
         zero = torch.zeros((), dtype=torch.float64)
         return {"diag_agree": zero, "diag_clipped": zero, "diag_tokens": zero}
     rows = torch.linspace(0, n - 1, k, device=student_hidden.device).long()
-    # (W h^T)^T: on CPU the output layer as the right-hand operand would be copied (packed) first.
-    zs = _gather_vocab((student_weight.float() @ student_hidden[rows].float().T).T, group)[:, : cfg.vocab_size]
-    zt = _gather_vocab((teacher_weight.float() @ teacher_hidden[rows].float().T).T, group)[:, : cfg.vocab_size]
-    agree = (zs.argmax(-1) == zt.argmax(-1)).sum()
-    clipped = torch.zeros(())
-    if cfg.clip is not None:
-        unclipped = cfg.model_copy(update={"clip": None})
-        clipped = (dense_token_divergence(zs, zt, cfg) < dense_token_divergence(zs, zt, unclipped)).sum()
+    unclipped = None if cfg.clip is None else cfg.model_copy(update={"clip": None})
+    agree = clipped = torch.zeros((), dtype=torch.long, device=student_hidden.device)
+    for block in rows.split(8):  # a few [8, V] logits at a time
+        zs, zt = (_gather_vocab(_logits(h[block], w), group)[:, : cfg.vocab_size]
+                  for h, w in ((student_hidden, student_weight), (teacher_hidden, teacher_weight)))
+        agree = agree + (zs.argmax(-1) == zt.argmax(-1)).sum()
+        if unclipped is not None:
+            clipped = clipped + (dense_token_divergence(zs, zt, cfg) < dense_token_divergence(zs, zt, unclipped)).sum()
     return {"diag_agree": agree.double().cpu(), "diag_clipped": clipped.double().cpu(),
             "diag_tokens": torch.tensor(float(k), dtype=torch.float64)}
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 ``hidden @ W^T``, the matmul in the weights' dtype like the loss's, formed as ``(W h^T)^T``:
+    on CPU the output layer as the right-hand operand would be copied (packed) first."""
+    return (weight @ hidden.to(weight.dtype).T).T.float()
 
 
 def _gather_vocab(logits: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from megatron_opsd.algorithms.base import LossInputs, LossOutput
 from megatron_opsd.data.prompts import PromptBuilder
 from megatron_opsd.data.sample import Sample
 from megatron_opsd.data.sources import Problem
-from megatron_opsd.opsd.logprobs import token_logprobs
+from megatron_opsd.models.logprobs import token_logprobs
 from megatron_opsd.section import Section
 
 

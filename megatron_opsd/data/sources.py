@@ -7,8 +7,10 @@ is missing, empty or not text is an error naming the data set, the row and the f
 such rows is an explicit opt-in (``on_invalid_row: skip``) whose count is logged, and a field
 that no row has, or a data set with no usable row, is an error even then.
 
-Rows are read with Hugging Face ``datasets``: a hub name (clusters, e.g. the OpenThoughts math
-set) or a local jsonl / json / parquet / arrow file, glob, or ``save_to_disk`` directory.
+Rows come from a hub name (clusters, e.g. the OpenThoughts math set) or a local jsonl / json /
+parquet / arrow file, glob, or ``save_to_disk`` directory. JSON Lines files are read here, a
+``json.loads`` per line (errors name the file and line); everything else through Hugging Face
+``datasets``, imported only then (it brings pandas and pyarrow: ~90 MB of a small run's memory).
 """
 from __future__ import annotations
 
@@ -211,38 +213,45 @@ def extract_problems(rows: Iterable[Mapping[str, Any]], cfg: DataConfig, label: 
     return ProblemSet(label, tuple(problems), num_rows, skipped)
 
 
-def open_rows(cfg: DataConfig):
-    """The raw ``datasets.Dataset`` the config names (imported lazily: it is slow to import)."""
+def open_rows(cfg: DataConfig) -> tuple[Sequence[Mapping[str, Any]], list[str]]:
+    """The rows the config names and their column names."""
+    path = Path(cfg.path) if cfg.source == "local" else None
+    if path is not None and path.suffix == ".jsonl" and not path.is_dir():
+        return _read_json_lines(cfg.path, _local_files(cfg.path))
     import datasets
 
-    if cfg.source == "hub":
-        return datasets.load_dataset(cfg.name, cfg.subset, split=cfg.split)
-    path = Path(cfg.path)
-    if path.is_dir():
+    if path is None:
+        rows = datasets.load_dataset(cfg.name, cfg.subset, split=cfg.split)
+    elif path.is_dir():
         loaded = datasets.load_from_disk(str(path))
-        return loaded[cfg.split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    builder = _LOCAL_BUILDERS.get("".join(path.suffixes[-1:]))
-    if builder is None:
+        rows = loaded[cfg.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    else:
+        files = _local_files(cfg.path)
+        try:
+            rows = datasets.load_dataset(_LOCAL_BUILDERS[path.suffix], data_files=[str(f) for f in files], split="train")
+        except Exception as exc:  # datasets and pyarrow raise many types
+            raise DataError(f"{cfg.path}: cannot read it: {exc}") from exc
+    return rows, list(rows.column_names)
+
+
+def _local_files(pattern: str) -> list[Path]:
+    """The files a local path or glob names, checked for a known type and for content."""
+    path = Path(pattern)
+    if path.suffix not in _LOCAL_BUILDERS:
         raise DataError(
-            f"{cfg.path}: unknown file type; expected one of {sorted(_LOCAL_BUILDERS)} or a save_to_disk directory")
+            f"{pattern}: unknown file type; expected one of {sorted(_LOCAL_BUILDERS)} or a save_to_disk directory")
     files = sorted(path.parent.glob(path.name))
     if not files:
-        raise DataError(f"{cfg.path}: no such file")
+        raise DataError(f"{pattern}: no such file")
     if all(f.stat().st_size == 0 for f in files):
-        raise DataError(f"{cfg.path}: empty file, no rows")
-    problem = _json_lines_problem(files) if path.suffix == ".jsonl" else None  # datasets would not say where
-    if problem:
-        raise DataError(f"{cfg.path}: {problem}")
-    try:
-        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
-    except Exception as exc:  # datasets and pyarrow raise many types
-        raise DataError(f"{cfg.path}: cannot read it: {exc}") from exc
+        raise DataError(f"{pattern}: empty file, no rows")
+    return files
 
 
-def _json_lines_problem(files: Sequence[Path]) -> str | None:
-    """What is wrong with JSON Lines files: the first line that is not a JSON object, or that no
-    line holds a row; None if neither."""
-    rows = 0
+def _read_json_lines(label: str, files: Sequence[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of JSON Lines files (blank lines skipped) and their keys in order of appearance; the
+    first line that is not a JSON object is an error naming file and line."""
+    rows: list[dict[str, Any]] = []
     for f in files:
         with open(f) as lines:
             for n, line in enumerate(lines, 1):
@@ -251,23 +260,26 @@ def _json_lines_problem(files: Sequence[Path]) -> str | None:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    return f"{f} line {n} is not valid JSON: {exc}"
+                    raise DataError(f"{label}: {f} line {n} is not valid JSON: {exc}") from exc
                 if not isinstance(row, dict):
-                    return f"{f} line {n} is a JSON {type(row).__name__}, not an object (one row per line)"
-                rows += 1
-    return None if rows else "no rows (only blank lines)"
+                    raise DataError(f"{label}: {f} line {n} is a JSON {type(row).__name__}, not an object (one row per line)")
+                rows.append(row)
+    if not rows:
+        raise DataError(f"{label}: no rows (only blank lines)")
+    return rows, list(dict.fromkeys(key for row in rows for key in row))
 
 
 def load_problems(cfg: DataConfig) -> ProblemSet:
-    rows = open_rows(cfg)
+    rows, columns = open_rows(cfg)
     if len(rows) == 0:
         raise DataError(f"{cfg.label}: no rows")
     mapped = _mapped_paths(cfg.fields)
-    absent = [role for role, path in mapped.items() if path.split(".")[0] not in rows.column_names]
+    absent = [role for role, path in mapped.items() if path.split(".")[0] not in columns]
     if absent:
-        raise _absent_fields(cfg.label, absent, mapped, rows.column_names)
-    # Decode only the mapped columns: hub sets can carry long unrelated ones (e.g. conversations).
-    return extract_problems(rows.select_columns(sorted({p.split(".")[0] for p in mapped.values()})), cfg)
+        raise _absent_fields(cfg.label, absent, mapped, columns)
+    if hasattr(rows, "select_columns"):  # decode only the mapped columns: hub sets can carry long unrelated ones
+        rows = rows.select_columns(sorted({p.split(".")[0] for p in mapped.values()}))
+    return extract_problems(rows, cfg)
 
 
 class ProblemIterator:

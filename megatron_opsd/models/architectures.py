@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import PretrainedConfig
 
 from megatron_opsd.config import ConfigError, LayoutError
+from megatron_opsd.models.attention import SDPAttention
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # RoPE variants whose inverse frequencies are static and whose attention scaling is 1, so that
@@ -231,7 +232,8 @@ def transformer_config(
 
 
 def layer_spec(arch: Architecture, use_te: bool | None = None) -> ModuleSpec:
-    """Transformer Engine layer spec when TE is importable, else Megatron's local (torch) spec.
+    """Transformer Engine layer spec when TE is importable, else Megatron's local (torch) spec with
+    its core attention through torch's SDPA (:mod:`megatron_opsd.models.attention`).
 
     The attention mask type is ``arbitrary`` in both: the caller always passes an explicit mask
     (block-diagonal causal for packed sequences), which the default ``causal`` type would ignore
@@ -243,5 +245,6 @@ def layer_spec(arch: Architecture, use_te: bool | None = None) -> ModuleSpec:
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
     return spec

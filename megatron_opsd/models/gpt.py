@@ -6,6 +6,8 @@ Two things differ from ``GPTModel.forward``:
   ``arange(seq_len)``, so packed or padded rows see the positions the caller intends;
 - on the last pipeline stage ``output="hidden"`` returns the final-norm hidden states instead of
   logits: the OPSD loss multiplies them by the output-layer shard itself, chunk by chunk.
+
+The input embedding's weight gradient is sparse under Megatron DDP (:class:`SparseGradVocabEmbedding`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import VocabParallelEmbedding
+from megatron.core.tensor_parallel.mappings import (
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
@@ -40,6 +48,8 @@ class LlamaFamilyModel(GPTModel):
             rotary_base=arch.rope_theta,
         )
         self.arch = arch
+        if pre_process:  # Megatron builds the lookup inside LanguageModelEmbedding: re-class it in place
+            self.embedding.word_embeddings.__class__ = SparseGradVocabEmbedding
         # A plain attribute, not a buffer: it must stay fp32 when the module is cast to bf16.
         self.inv_freq = rope_inv_freq(arch)
 
@@ -103,6 +113,32 @@ class LlamaFamilyModel(GPTModel):
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden, weight=weight, runtime_gather_output=gather_logits)
         return logits.transpose(0, 1).contiguous()
+
+
+class SparseGradVocabEmbedding(VocabParallelEmbedding):
+    """Megatron's vocab-parallel lookup, whose weight gradient under Megatron DDP is sparse.
+
+    ``F.embedding``'s dense backward builds a ``[V_local, H]`` gradient, the size of the whole
+    embedding, for the few rows a batch looked up: a small model's largest backward transient.
+    With ``sparse=True`` the gradient holds those rows only, and DDP's hook adds it to the
+    parameter's ``main_grad`` like a dense one. Without DDP (no ``main_grad``: optimizers do not
+    take sparse gradients) and in ``deterministic_mode`` this is Megatron's forward unchanged.
+    Only ``forward`` differs, so the built module is re-classed: same parameters, same state keys.
+    """
+
+    def forward(self, input_: Tensor) -> Tensor:
+        if self.deterministic_mode or getattr(self.weight, "main_grad", None) is None:
+            return super().forward(input_)
+        outside = None
+        if self.tp_group.size() > 1:  # ids of other ranks' rows look up row 0, then read as zeros
+            outside = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
+            input_ = (input_ - self.vocab_start_index).masked_fill(outside, 0)
+        rows = F.embedding(input_, self.weight, sparse=True)
+        if outside is not None:
+            rows = rows.masked_fill(outside[..., None], 0.0)
+        if self.reduce_scatter_embeddings:  # [b, s, h] -> [s, b, h], scattered over the sequence
+            return reduce_scatter_to_sequence_parallel_region(rows.transpose(0, 1).contiguous(), group=self.tp_group)
+        return reduce_from_tensor_model_parallel_region(rows, group=self.tp_group)
 
 
 def attention_mask(segment_ids: Tensor) -> Tensor:

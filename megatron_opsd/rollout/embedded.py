@@ -34,7 +34,7 @@ from pydantic import Field
 from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig, PreTrainedModel
 
 from megatron_opsd.models.architectures import SUPPORTED_ARCHITECTURES
-from megatron_opsd.rollout.engine import EngineHealth, Rollout, SamplingParams, sequence_seed, target_logprobs
+from megatron_opsd.rollout.engine import EngineHealth, Rollout, SamplingParams, sequence_seed
 from megatron_opsd.section import Section
 
 
@@ -184,14 +184,15 @@ class EmbeddedEngine:
                 ids[row, :len(seq)] = torch.tensor(seq)
                 mask[row, :len(seq)] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
-            if self._plain_head:  # the output layer a few positions at a time: no [B, T, V] logits
+            targets = ids[:, 1:].flatten()
+            if self._plain_head:  # the output layer on 16 positions at a time: no [B, T, V] logits
                 hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-                scored = [target_logprobs(self._head(h).flatten(0, 1), t.flatten(), temperature).view(len(chunk), -1)
-                          for h, t in zip(hidden.split(16, dim=1), ids[:, 1:].split(16, dim=1), strict=True)]
-                picked = torch.cat(scored, dim=1).cpu()
+                picked = torch.cat([_target_logprobs(self._head(h), t, temperature)
+                                    for h, t in zip(hidden.flatten(0, 1).split(16), targets.split(16), strict=True)])
             else:
                 logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-                picked = target_logprobs(logits.flatten(0, 1), ids[:, 1:].flatten(), temperature).view(len(chunk), -1).cpu()
+                picked = _target_logprobs(logits.flatten(0, 1), targets, temperature)
+            picked = picked.view(len(chunk), -1).cpu()
             out += [picked[row, :len(seq) - 1] for row, seq in enumerate(chunk)]
         return out
 
@@ -352,3 +353,12 @@ def truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         ordered, order = scaled.sort(dim=-1, descending=True)
         scaled = scaled.scatter(-1, order, ordered.masked_fill(_outside_nucleus(ordered, top_p), float("-inf")))
     return scaled
+
+
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, rows: int = 16) -> torch.Tensor:
+    """``log_softmax(logits / temperature)`` at ``targets`` per row of ``logits`` [N, V] (fp32, [N]),
+    ``rows`` rows at a time: never a second logits-sized tensor (a probe of 64 tokens over a
+    150k vocabulary is 39 MB per copy)."""
+    return torch.cat([torch.log_softmax(block.float() / temperature, -1).gather(-1, picked[:, None])[:, 0]
+                      for block, picked in zip(logits.split(rows), targets.split(rows), strict=True)]) \
+        if len(logits) else logits.new_zeros(0, dtype=torch.float32)

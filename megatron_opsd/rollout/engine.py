@@ -143,15 +143,6 @@ class RolloutEngine(Protocol):
         """Release what the engine holds outside this process (a server fleet); idempotent."""
 
 
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, rows: int = 16) -> torch.Tensor:
-    """``log_softmax(logits / temperature)`` at ``targets`` per row of ``logits`` [N, V] (fp32, [N]),
-    ``rows`` rows at a time: never a second logits-sized tensor (a probe of 64 tokens over a
-    150k vocabulary is 39 MB per copy)."""
-    return torch.cat([torch.log_softmax(block.float() / temperature, -1).gather(-1, picked[:, None])[:, 0]
-                      for block, picked in zip(logits.split(rows), targets.split(rows), strict=True)]) \
-        if len(logits) else logits.new_zeros(0, dtype=torch.float32)
-
-
 def rollout_samples(prompts: Sequence[Sequence[int]], rollouts: Sequence[Sequence[Rollout]]) -> list[list[Sample]]:
     """Each prompt's rollouts as samples (their group id: the prompt's index)."""
     return [[Sample(tuple(prompt), r.response_ids, rollout_logprobs=r.logprobs, weight_version=r.weight_version,

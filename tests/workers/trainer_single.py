@@ -150,6 +150,37 @@ def check_cpu_adamw_is_fused_and_makes_the_single_tensor_update():
         torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
 
 
+def _lookups_sparse(out: torch.Tensor) -> list[bool]:
+    """For each embedding lookup in ``out``'s graph: whether its weight gradient is sparse."""
+    found, stack = [], [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            if type(node).__name__ == "EmbeddingBackward0":
+                found.append(node._saved_sparse)
+            stack.extend(fn for fn, _ in node.next_functions)
+    return found
+
+
+def check_embedding_gradient_is_sparse_under_ddp_and_lands_in_main_grad():
+    c, _ = built()
+    lookup = c.runner.model.embedding.word_embeddings
+    weight = lookup.weight
+    ids = torch.randint(0, weight.shape[0], (2, 9))
+    ids[0, :3] = 5  # a row looked up three times
+    upstream = torch.randn(2, 9, weight.shape[1])
+    before = weight.main_grad.clone()
+    out = lookup(ids)
+    assert _lookups_sparse(out) == [True]
+    out.backward(upstream)
+    expected = before.index_add(0, ids.flatten(), upstream.flatten(0, 1))
+    torch.testing.assert_close(weight.main_grad, expected, rtol=1e-6, atol=1e-6)
+    assert weight.grad is None  # DDP's hook added it and let it go
+    # Outside DDP (the engine's and a teacher's models) the lookup is Megatron's dense one.
+    (bare,) = build_model(CONFIGS["qwen3"], torch.float32)
+    assert _lookups_sparse(bare.embedding.word_embeddings(ids)) == [False]
+
+
 def check_ema_teacher_of_a_bf16_model_checkpoints_its_fp32_average():
     initialize(Layout())
     chunks = build_model(CONFIGS["qwen3"], torch.bfloat16)

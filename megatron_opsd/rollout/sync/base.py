@@ -25,13 +25,15 @@ from typing import Literal, Protocol
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.utils import unwrap_model
 from pydantic import Field
 
 from megatron_opsd.models.forward import forward_only
 from megatron_opsd.models.gpt import attention_mask
+from megatron_opsd.models.logprobs import token_logprobs
 from megatron_opsd.parallel import broadcast_from_rank0
-from megatron_opsd.rollout.engine import ProbeMismatchError, RolloutEngine, target_logprobs
+from megatron_opsd.rollout.engine import ProbeMismatchError, RolloutEngine
 from megatron_opsd.section import Section
 
 
@@ -87,6 +89,7 @@ class ProbeCheck:
         self.ids = list(ids)[:len(ids) - len(ids) % tp]
         self.temperature, self.tolerance, self.vocab_size = temperature, tolerance, vocab_size
 
+    @torch.no_grad()
     def __call__(self, engine: RolloutEngine | None, version: int) -> float:
         """Max |engine - trainer| log-prob over the probe; raises ProbeMismatchError above the tolerance."""
         ids, temperature = self.ids, self.temperature
@@ -95,10 +98,15 @@ class ProbeCheck:
         device = next(self.chunks[0].parameters()).device
         mb = {"input_ids": tokens, "position_ids": torch.arange(len(ids))[None],
               "attention_mask": attention_mask(torch.zeros_like(tokens))}
-        out = forward_only(self.chunks, [{k: v.to(device) for k, v in mb.items()}], output="logits", gather_logits=True)
+        out = forward_only(self.chunks, [{k: v.to(device) for k, v in mb.items()}], output="hidden")
         worst = torch.zeros((), dtype=torch.float64, device=device)
         if out is not None:
-            trainer = target_logprobs(out[0][0, :-1, :self.vocab_size], tokens[0, 1:].to(device), temperature).cpu()
+            last = self.chunks[-1]
+            hidden = out[0][0]
+            if last.config.sequence_parallel:  # this rank's part of the sequence
+                hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+            trainer = token_logprobs(hidden[:-1], last.output_weight(), tokens[0, 1:].to(device),
+                                     vocab_size=self.vocab_size, temperature=temperature, chunk_size=16).cpu()
             worst.fill_(float((trainer - from_engine).abs().max()))
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         if not worst <= self.tolerance:

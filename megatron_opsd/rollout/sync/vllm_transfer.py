@@ -66,6 +66,7 @@ class NCCLTransport:
     """vLLM's: a ``StatelessProcessGroup`` this rank hosts and a ``PyNcclCommunicator`` over it."""
 
     def __init__(self, timeout_s: float):
+        del timeout_s  # vLLM's trainer_init takes none: its rendezvous store waits its own 300 s
         self.comm = None
 
     def init_info(self) -> dict:

@@ -1,8 +1,9 @@
 """Log-probability of given next tokens from final hidden states and a vocab-parallel output layer.
 
-Users: the SFT loss (``-log p(target)``, with gradients) and GRPO's policy log-probs. (OPSD's
-rollout-vs-trainer mismatch takes the student's log-probs of the sampled tokens from its fused
-loss's logits, ``SampledLogprobs``, rather than forming them a second time.)
+Users: the SFT loss (``-log p(target)``, with gradients), GRPO's policy log-probs and the weight
+sync's probe check. (OPSD's rollout-vs-trainer mismatch takes the student's log-probs of the
+sampled tokens from its fused loss's logits, ``SampledLogprobs``, rather than forming them a
+second time.)
 Logits are formed ``chunk_size`` tokens at a time and reduced across tensor-parallel ranks by
 Megatron's ``vocab_parallel_cross_entropy``; padded vocabulary rows are masked to -inf. Under
 autograd each chunk is recomputed in backward (activation checkpointing), so no more than one

@@ -49,7 +49,8 @@ class SyncConfig(Section):
     probe_tolerance: float = Field(
         default=1e-2, gt=0, description="max |engine - trainer| log-prob on the probe sequence after a sync "
         "(fp32 agrees to ~1e-5; bf16 needs more)")
-    probe_tokens: int = Field(default=64, ge=2, description="length of the probe sequence (a training prompt + its solution)")
+    probe_tokens: int = Field(default=16, ge=2, description="length of the probe sequence (a training prompt + its "
+                              "solution); each position's log-prob already depends on every weight")
     dir: str | None = Field(
         default=None, description="disk: where each version's HF directory is written, a path the servers read "
         "too; distributed: where a version is written to restart a server from; default: run_dir/weights")

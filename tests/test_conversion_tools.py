@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from megatron_opsd.platform import free_port
 from tests.distributed import REPO
@@ -73,11 +73,18 @@ def test_verify_passes_at_tp2(converted):
     assert "tp=2 pp=1" in out and "-> OK" in out
 
 
-def test_verify_fails_above_tolerance(converted):
-    hf, megatron = converted
-    out = run(
-        ["tools/verify_conversion.py", "--hf-dir", str(hf), "--megatron-dir", str(megatron), "--tol", "0"], expect=1
-    )
+def test_verify_fails_above_tolerance(converted, tmp_path):
+    hf, megatron = converted  # against an HF copy with one weight moved: the checkpoint no longer matches it
+    index = json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.0.mlp.down_proj.weight"
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in hf.iterdir():
+        (moved / f.name).write_bytes(f.read_bytes())
+    shard = load_file(hf / index[name])
+    shard[name] = shard[name] + 0.05
+    save_file(shard, moved / index[name], metadata={"format": "pt"})
+    out = run(["tools/verify_conversion.py", "--hf-dir", str(moved), "--megatron-dir", str(megatron)], expect=1)
     assert "-> FAIL" in out
 
 

@@ -436,11 +436,11 @@ def _row_max(z: torch.Tensor) -> torch.Tensor:
 
 def _log_softmax_pair(zs: torch.Tensor, zt: torch.Tensor, group: dist.ProcessGroup | None,
                       local_index: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      softmax: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Turn ``zs``, ``zt`` into vocab-parallel log-softmax in place (two all-reduces of ``[2, c]``)
-    and return the softmax of ``zt`` (in ``out`` when given: the exponentials its normalizer is
-    summed from, divided by it). An ``out`` of fewer rows is a tile the exponentials are summed
-    through a few rows at a time; the softmax is then not kept (None).
+    and, with ``softmax``, return the softmax of ``zt`` (in ``out`` when given: the exponentials its
+    normalizer is summed from, divided by it); None without. Without it ``out`` may have fewer rows:
+    a tile the exponentials are summed through a few rows at a time.
 
     With ``local_index`` (``[c]`` column in this shard, or out of range when another rank holds
     it) also returns the two log-probabilities at that column, ``[2, c]``, globally.
@@ -467,8 +467,7 @@ def _log_softmax_pair(zs: torch.Tensor, zt: torch.Tensor, group: dist.ProcessGro
     log_norm = stats[:2].log()
     zs.sub_(log_norm[0, :, None])
     zt.sub_(log_norm[1, :, None])
-    softmax = exp.div_(stats[1, :, None]) if len(exp) == len(zt) else None
-    return softmax, (stats[2:] - log_norm if local_index is not None else None)
+    return exp.div_(stats[1, :, None]) if softmax else None, (stats[2:] - log_norm if local_index is not None else None)
 
 
 def _divergence_chunk(zs: torch.Tensor, zt: torch.Tensor, cfg: LossConfig, group: dist.ProcessGroup | None,
@@ -524,7 +523,7 @@ def _forward_kl_chunk(zs: torch.Tensor, zt: torch.Tensor, clip: float | None, gr
     scratch tile (on CPU) instead of a third block. Three all-reduces, as there."""
     rows = _tile_rows(zs)
     scratch = _tile(zs[:rows])
-    _, logp_at = _log_softmax_pair(zs, zt, group, at, out=scratch)  # zs, zt: log p, log q
+    _, logp_at = _log_softmax_pair(zs, zt, group, at, out=scratch, softmax=False)  # zs, zt: log p, log q
     sums = zs.new_empty(2, zs.shape[0])  # per token: loss, sum of h
     for r in range(0, zs.shape[0], rows):
         logp, logq = zs[r:r + rows], zt[r:r + rows]
@@ -589,7 +588,7 @@ def _global_kth(values: torch.Tensor, k: int, group: dist.ProcessGroup | None) -
 def _sampled_chunk(zs: torch.Tensor, zt: torch.Tensor, local_target: torch.Tensor, group: dist.ProcessGroup | None,
                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled-token loss ``-A log p_y`` and ``dL/dz_S = A (p - onehot(y))`` for one chunk."""
-    _, (logp_y, logq_y) = _log_softmax_pair(zs, zt, group, local_target, out=out)
+    _, (logp_y, logq_y) = _log_softmax_pair(zs, zt, group, local_target, out=out, softmax=False)
     advantage = logq_y - logp_y
     dz = zs.exp_().mul_(advantage[:, None])
     if dz.shape[1]:

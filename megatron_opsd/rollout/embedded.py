@@ -357,8 +357,8 @@ def truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, rows: int = 16) -> torch.Tensor:
     """``log_softmax(logits / temperature)`` at ``targets`` per row of ``logits`` [N, V] (fp32, [N]),
-    ``rows`` rows at a time: never a second logits-sized tensor (a probe of 64 tokens over a
-    150k vocabulary is 39 MB per copy)."""
+    ``rows`` rows at a time: never a second logits-sized tensor (64 positions over a 150k
+    vocabulary are 39 MB per copy)."""
     return torch.cat([torch.log_softmax(block.float() / temperature, -1).gather(-1, picked[:, None])[:, 0]
                       for block, picked in zip(logits.split(rows), targets.split(rows), strict=True)]) \
         if len(logits) else logits.new_zeros(0, dtype=torch.float32)

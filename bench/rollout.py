@@ -109,6 +109,7 @@ def fleet_time(path: Path, prompts: list[list[int]], params: SamplingParams, cou
     """Median seconds of the rollouts through the router and ``count`` stand-ins, and the rollouts."""
     cfg = SGLangEngineConfig.model_validate({
         "kind": "sglang", "servers": {"count": count, "command": ["python", "-m", "megatron_opsd.cli", "serve"],
+                                      "deterministic_inference": True,
                                       "args": ["--max-running-requests", str(args.prompts)]},
         "timeouts": {"startup_s": 300, "request_s": 600, "control_s": 300}})
     fleet = Fleet(cfg, path.parent / f"logs{count}", api_key="bench")

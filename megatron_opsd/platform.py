@@ -47,8 +47,15 @@ def current_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak for :func:`peak_memory_bytes` (on CUDA; a process's peak RSS cannot be reset)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory_bytes() -> int:
-    """Peak device memory on GPU; peak resident set size of this process on CPU."""
+    """Peak device memory since :func:`reset_peak_memory` on GPU; peak resident set size of this
+    process so far on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -96,6 +103,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def port_available(host: str, port: int) -> bool:
+    """Whether a listening socket could bind ``host:port`` now."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _to_cpu_device(device):

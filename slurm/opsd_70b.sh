@@ -30,6 +30,6 @@ export OPSD_CONFIG=${OPSD_CONFIG:-examples/llama3_70b.yaml}
 export OPSD_TRAIN_NODES=${OPSD_TRAIN_NODES:-4}
 export OPSD_GPUS_PER_NODE=${OPSD_GPUS_PER_NODE:-8}
 export OPSD_TP=${OPSD_TP:-8} OPSD_PP=${OPSD_PP:-4}
-export OPSD_SGLANG_TP=${OPSD_SGLANG_TP:-8}
+export OPSD_SERVER_TP=${OPSD_SERVER_TP:-8}
 export OPSD_FABRIC_PREFIX=${OPSD_FABRIC_PREFIX:-}    # e.g. 10. : the address prefix of the nodes' fabric
 source "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}/slurm/launch.sh"

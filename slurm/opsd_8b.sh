@@ -26,6 +26,6 @@ export OPSD_CONFIG=${OPSD_CONFIG:-examples/qwen3_8b_paper.yaml}
 export OPSD_TRAIN_NODES=${OPSD_TRAIN_NODES:-1}
 export OPSD_GPUS_PER_NODE=${OPSD_GPUS_PER_NODE:-8}
 export OPSD_TP=${OPSD_TP:-2} OPSD_PP=${OPSD_PP:-1}
-export OPSD_SGLANG_TP=${OPSD_SGLANG_TP:-2}
+export OPSD_SERVER_TP=${OPSD_SERVER_TP:-2}
 export OPSD_FABRIC_PREFIX=${OPSD_FABRIC_PREFIX:-}
 source "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}/slurm/launch.sh"

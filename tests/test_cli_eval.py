@@ -143,6 +143,7 @@ def test_eval_through_a_server_fleet_reports_what_the_embedded_engine_does(model
 
     common = ["--data", TEST_DATA, "--k", "2", "eval.max_new_tokens=8", "limit=3", "eval.temperature=0.7"]
     fleet = ["engine.kind=sglang", "engine.servers.count=1", "engine.servers.command=[python,-m,megatron_opsd.cli,serve]",
+             "engine.servers.deterministic_inference=true",
              "engine.router.enabled=false", "engine.timeouts.startup_s=120"]
     assert main(["eval", str(model_dir), *common, "--out", str(tmp_path / "embedded.json")]) == 0
     megatron = tmp_path / "megatron"

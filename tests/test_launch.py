@@ -58,6 +58,8 @@ def test_settings_come_from_the_environment_and_bad_ones_name_their_variable():
         LaunchConfig.from_env({"OPSD_TRAIN_NODES": "two"})
     with pytest.raises(LaunchError, match="SLURM_JOB_NODELIST unset"):
         Job.from_env({"SLURM_JOB_ID": "7"})
+    with pytest.raises(LaunchError, match="OPSD_SGLANG_TP is now OPSD_SERVER_TP"):
+        LaunchConfig.from_env({"OPSD_SGLANG_TP": "4"})
 
 
 def _job(nodes: int, gpus: int = 8, name: str = "t") -> Job:
@@ -70,7 +72,7 @@ def _plan(nodes: int, config: str = "examples/llama3_70b.yaml", **settings) -> P
 
 
 def test_a_70b_plan_on_16_nodes():
-    plan = _plan(16, train_nodes=12, tp=8, pp=4, sglang_tp=4)
+    plan = _plan(16, train_nodes=12, tp=8, pp=4, server_tp=4)
     assert plan.trainer_nodes == [f"gpu{i:03d}" for i in range(1, 13)] and len(plan.rollout_nodes) == 4
     assert (plan.tp, plan.pp, plan.dp) == (8, 4, 3) and plan.tp * plan.pp * plan.dp == 12 * 8
     assert len(plan.servers) == 8 and [s.base_gpu_id for s in plan.servers[:2]] == [0, 4]
@@ -78,6 +80,8 @@ def test_a_70b_plan_on_16_nodes():
     assert len(set(ports)) == len(ports) and plan.ports.master not in ports
     trainer = plan.step("trainer").srun
     assert "--nodes=12" in trainer and "--gpus-per-node=8" in trainer and "--exact" in trainer
+    assert "--gpu-bind=none" in trainer and "--mem=0" in trainer  # whatever the site's defaults
+    assert "--mem=0" not in plan.step("router").srun  # the router shares the servers' node
     assert "--ntasks-per-node=2" in plan.step("servers").srun and "--overlap" in plan.step("router").srun
     assert plan.config["rollout"]["engine"]["servers"]["tp"] == 4 and plan.config["parallel"] == {"tp": 8, "pp": 4}
     assert plan.config["checkpoint"]["stop_file"] == f"{plan.log_dir}/stop"
@@ -87,7 +91,7 @@ def test_a_70b_plan_on_16_nodes():
     ({"train_nodes": 6}, "no node is left for servers"),
     ({"train_nodes": 3, "tp": 8, "pp": 4}, "24 trainer ranks .* not a multiple of TP 8 x PP 4"),
     ({"train_nodes": 4, "tp": 16, "pp": 1}, "TP 16 does not divide the 8 ranks of a node"),
-    ({"train_nodes": 4, "sglang_tp": 3}, "SGLang TP must divide"),
+    ({"train_nodes": 4, "server_tp": 3}, "the server TP must divide"),
     ({"train_nodes": 4, "port_base": 40000}, "ephemeral range"),
 ])
 def test_a_plan_that_does_not_fit_says_why(settings, error):
@@ -96,13 +100,17 @@ def test_a_plan_that_does_not_fit_says_why(settings, error):
 
 
 def test_each_task_becomes_its_role_with_the_plan_s_addresses_and_ports(tmp_path):
-    plan = _plan(6, train_nodes=4, tp=8, pp=4, log_root=str(tmp_path))
-    argv, _ = task_command(plan, "server", "ib0", "10.0.0.5", {"SLURM_PROCID": "1", "OPSD_SGLANG_API_KEY": "k"})
+    plan = _plan(6, train_nodes=4, tp=8, pp=4, server_tp=4, log_root=str(tmp_path))
+    argv, env = task_command(plan, "server", "ib0", "10.0.0.5", {"SLURM_PROCID": "1", "OPSD_SGLANG_API_KEY": "k",
+                                                                  "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"})
     slot = plan.servers[1]
     assert argv[1:3] == ["-m", "sglang.launch_server"] and argv[argv.index("--host") + 1] == "10.0.0.5"
     assert argv[argv.index("--port") + 1] == str(slot.port)
     assert argv[argv.index("--nccl-port") + 1] == str(slot.nccl_port)
-    assert argv[argv.index("--tp-size") + 1] == "8" and "--api-key=k" in argv
+    assert argv[argv.index("--tp-size") + 1] == "4" and "--api-key=k" in argv
+    assert env["CUDA_VISIBLE_DEVICES"] == "4,5,6,7" and "--base-gpu-id" not in argv  # its own GPUs of the node
+    assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "ib0"  # its weight group uses the fabric too
+    assert env["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] == "0"
     argv, _ = task_command(plan, "router", "ib0", "10.0.0.5", {})
     assert "sglang_router.launch_router" in argv and argv[argv.index("--port") + 1] == str(plan.ports.router)
     announce(plan, "master", {"address": "10.0.0.1"})
@@ -113,6 +121,19 @@ def test_each_task_becomes_its_role_with_the_plan_s_addresses_and_ports(tmp_path
         assert argv[argv.index(flag) + 1] == value
     assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "ib0" and env["OPSD_NODE_ADDRESS"] == "10.0.0.2"
     assert int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) > plan.stop_grace_s
+
+
+def test_a_vllm_fleet_has_its_servers_on_the_rollout_nodes_and_no_router(tmp_path):
+    plan = _plan(3, "examples/tiny_cpu_vllm.yaml", train_nodes=1, server_tp=2, log_root=str(tmp_path))
+    assert plan.server_kind == "vllm" and not plan.uses_router and len(plan.servers) == 8
+    assert {s.name for s in plan.steps} == {"servers", "trainer"}
+    assert "8 vllm servers of TP 2, 4 per node; balanced by the trainer" in plan.describe()
+    argv, env = task_command(plan, "server", "ib0", "10.0.0.7", {"SLURM_PROCID": "3", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"})
+    assert argv[argv.index("--port") + 1] == str(plan.servers[3].port) and "--tensor-parallel-size" in argv
+    assert argv[argv.index("--host") + 1] == "10.0.0.7" and env["VLLM_HOST_IP"] == "10.0.0.7"
+    assert env["CUDA_VISIBLE_DEVICES"] == "6,7" and env["VLLM_SERVER_DEV_MODE"] == "1"
+    config = plan.training_config(["http://10.0.0.7:1"], None)
+    assert config["rollout"]["engine"]["urls"] == ["http://10.0.0.7:1"] and "router" not in config["rollout"]["engine"]
 
 
 def test_the_plan_survives_its_file(tmp_path):
@@ -142,10 +163,10 @@ def _dry_run(script: str, nodelist: str, **env) -> str:
 @pytest.mark.parametrize(("script", "nodelist", "env", "trainer", "rollout"), [
     ("slurm/opsd_70b.sh", "gpu[001-016]", {"OPSD_TRAIN_NODES": "12"},
      "trainer: 12 nodes \\(gpu001, .*gpu012\\) x 8 ranks \\(8 GPUs\\) = 96 ranks: TP 8 x PP 4 x DP 3",
-     "rollout: 4 nodes \\(gpu013, gpu014, gpu015, gpu016\\): 4 servers of TP 8, 1 per node"),
-    ("slurm/opsd_70b.sh", "gpu[001-006]", {}, "4 nodes .* = 32 ranks: TP 8 x PP 4 x DP 1", "2 servers of TP 8"),
+     "rollout: 4 nodes \\(gpu013, gpu014, gpu015, gpu016\\): 4 sglang servers of TP 8, 1 per node"),
+    ("slurm/opsd_70b.sh", "gpu[001-006]", {}, "4 nodes .* = 32 ranks: TP 8 x PP 4 x DP 1", "2 sglang servers of TP 8"),
     ("slurm/opsd_8b.sh", "gpu[01-02]", {}, "1 nodes \\(gpu01\\) x 8 ranks .* TP 2 x PP 1 x DP 4",
-     "rollout: 1 nodes \\(gpu02\\): 4 servers of TP 2, 4 per node"),
+     "rollout: 1 nodes \\(gpu02\\): 4 sglang servers of TP 2, 4 per node"),
 ])
 def test_the_cluster_scripts_dry_run_against_synthetic_node_lists(script, nodelist, env, trainer, rollout):
     out = _dry_run(script, nodelist, **env)

@@ -1,4 +1,5 @@
-"""LoRA on Megatron's tensor-parallel linears against HF PEFT at TP=1, TP=2, PP=2 (two ranks, one launch)."""
+"""LoRA on Megatron's tensor-parallel linears against HF PEFT at TP=1, TP=2, PP=2, and with the norm inside
+q/k/v and gate/up as Transformer Engine builds them (two ranks, one launch)."""
 
 import pytest
 

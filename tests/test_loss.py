@@ -66,6 +66,14 @@ def test_sampled_logprobs_come_from_the_losss_logits(seed: int) -> None:
     assert_sampled_logprobs_match_dense(seed)
 
 
+def test_the_default_chunk_suits_the_device() -> None:
+    """Small chunks on CPU (their blocks stay in cache and allocated), large ones on a GPU (few GEMMs,
+    two TP all-reduces per chunk); a chunk_size set is used everywhere."""
+    cfg = LossConfig(vocab_size=10)
+    assert cfg.chunk_rows(torch.device("cpu")) == 128 and cfg.chunk_rows(torch.device("cuda", 0)) == 2048
+    assert cfg.model_copy(update={"chunk_size": 64}).chunk_rows(torch.device("cuda", 0)) == 64
+
+
 def test_chunk_size_invariance() -> None:
     """The per-token loss does not depend on how tokens are chunked."""
     case = make_case("jsd-clipon-topk", seed=11)

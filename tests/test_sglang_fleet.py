@@ -34,7 +34,8 @@ PARAMS = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=24
 
 def fleet_config(**extra) -> SGLangEngineConfig:
     return SGLangEngineConfig.model_validate({
-        "kind": "sglang", "servers": {"count": 2, "command": STAND_IN, "args": ["--max-running-requests", "4"]},
+        "kind": "sglang", "servers": {"count": 2, "command": STAND_IN, "args": ["--max-running-requests", "4"],
+                                       "deterministic_inference": True},
         "timeouts": {"startup_s": 120, "request_s": 60, "control_s": 60, "retries": 3}, **extra})
 
 
@@ -78,8 +79,26 @@ def test_fleet_gives_the_embedded_engines_rollouts(engine, embedded):
     assert all(load["loads"][0]["num_running_reqs"] == 0 for load in loads)
     workers = engine.fleet.router.call("GET", "/workers")["workers"]
     assert sorted(w["url"] for w in workers) == sorted(engine.fleet.servers[i].url for i in range(2))
-    probe = engine.logprobs([PROMPTS[1]], temperature=0.9)[0]
-    assert (probe - embedded.logprobs([PROMPTS[1]], temperature=0.9)[0]).abs().max() < 1e-5
+    probe = engine.logprobs([PROMPTS[1]])[0]
+    assert (probe - embedded.logprobs([PROMPTS[1]])[0]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="temperature 1 only"):  # SGLang's prompt log-probs ignore temperature
+        engine.logprobs([PROMPTS[1]], temperature=0.9)
+
+
+def test_servers_answer_health_while_paused_so_the_router_keeps_them(engine):
+    """A server the fleet starts has SGLang's generation health check off: paused (as for a long weight
+    load) it still answers /health at once, so the router does not drop it."""
+    for member in engine.fleet.members:
+        environ = Path(f"/proc/{member.process.pid}/environ").read_bytes().split(b"\0")
+        assert b"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0" in environ
+    engine.each_server("pause", check=True)
+    try:
+        start = time.monotonic()
+        assert all(server.healthy(timeout_s=2.0) for server in engine.fleet.servers)
+        assert time.monotonic() - start < 2
+    finally:
+        engine.resume()
+    assert all(w["is_healthy"] for w in engine.fleet.router.call("GET", "/workers")["workers"])
 
 
 def test_server_killed_mid_batch_loses_and_duplicates_nothing(engine, embedded):
@@ -194,7 +213,7 @@ def test_bad_reply_is_an_error_naming_server_and_rid_after_bounded_retries(bad_s
 
 def _fleet_rollout(sync: str) -> dict:
     return {"max_new_tokens": 12, "stop_tokens": ["<|im_end|>"],
-            "engine": {"kind": "sglang", "servers": {"count": 2, "command": STAND_IN},
+            "engine": {"kind": "sglang", "servers": {"count": 2, "command": STAND_IN, "deterministic_inference": True},
                        "timeouts": {"startup_s": 120, "request_s": 60, "control_s": 60}},
             "sync": {"kind": sync, "probe_tolerance": 1e-3, "probe_tokens": 48, "bucket_mb": 0.1}}
 

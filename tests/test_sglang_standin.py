@@ -59,7 +59,7 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def served(model_dir):
     state = StandIn(EmbeddedEngine.from_pretrained(model_dir, EmbeddedEngineConfig(max_batch_size=8)), str(model_dir),
-                    "0", max_batch_size=8)
+                    "0", max_batch_size=8, deterministic=True)
     with TestClient(build_app(state, KEY)) as client:
         client.headers["Authorization"] = f"Bearer {KEY}"
         yield client, state
@@ -131,6 +131,64 @@ def test_standin_answers_in_sglangs_shapes(served, model_dir):
     f = fixture("destroy_weights_update_group")
     failure = client.post("/destroy_weights_update_group", json=f["request"])
     assert (failure.status_code, failure.json()) == (400, f["failure"])
+
+
+def test_input_logprobs_ignore_the_requests_temperature_as_sglangs_do(served, model_dir):
+    """SGLang's input log-probs are the raw logits' log_softmax; a sampled token's are at the temperature."""
+    client, _ = served
+    embedded = EmbeddedEngine.from_pretrained(model_dir, EmbeddedEngineConfig())
+    prompt = [5, 9, 3, 7, 11]
+    want = embedded.logprobs([prompt], temperature=1.0)[0]
+    sampled = {}
+    for temperature in (0.5, 1.0, 1.3):
+        reply = client.post("/generate", json=body(prompt, rid=f"t{temperature}", max_new_tokens=1,
+                                                   temperature=temperature, logprob_start_len=0)).json()
+        got = torch.tensor([lp for lp, _, _ in reply["meta_info"]["input_token_logprobs"][1:]])
+        assert (got - want).abs().max() < 1e-5, temperature
+        sampled[temperature] = reply["meta_info"]["output_token_logprobs"][0][0]
+    assert len(set(sampled.values())) == 3  # the first new token's log-prob is at each request's temperature
+
+
+def test_sampling_seeds_are_honoured_only_with_deterministic_inference(model_dir):
+    """As SGLang: without --enable-deterministic-inference a request's sampling_seed is ignored; with it a
+    request without one is seeded with 42."""
+    def outputs(deterministic: bool, *seeds: int | None) -> list[list[int]]:
+        state = StandIn(EmbeddedEngine.from_pretrained(model_dir, EmbeddedEngineConfig()), str(model_dir), "0", 8,
+                        deterministic=deterministic)
+        with TestClient(build_app(state, None)) as client:
+            got = []
+            for i, seed in enumerate(seeds):
+                request = body((4, 8, 15), rid=f"r{i}", max_new_tokens=40, temperature=1.0)
+                request["sampling_params"].pop("stop_token_ids")
+                if seed is None:
+                    request["sampling_params"].pop("sampling_seed")
+                else:
+                    request["sampling_params"]["sampling_seed"] = seed
+                got.append(client.post("/generate", json=request).json()["output_ids"])
+            return got
+
+    seven, seven_again, unseeded, forty_two, eight = outputs(True, 7, 7, None, 42, 8)
+    assert seven == seven_again and unseeded == forty_two and eight != seven
+    first, second = outputs(False, 7, 7)
+    assert first != second
+
+
+def test_health_runs_a_generation_unless_sglangs_variable_says_not_to(model_dir, monkeypatch):
+    """SGLang's /health answers 503 once its scheduler has been silent for SGLANG_HEALTH_CHECK_TIMEOUT (a
+    pause, a weight load); with SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0 it answers whether the server is up."""
+    monkeypatch.setenv("SGLANG_HEALTH_CHECK_TIMEOUT", "2")
+    for generation, paused_status in (("1", 503), ("0", 200)):
+        monkeypatch.setenv("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", generation)
+        state = StandIn(EmbeddedEngine.from_pretrained(model_dir, EmbeddedEngineConfig()), str(model_dir), "0", 8)
+        with TestClient(build_app(state, None)) as client:
+            assert client.get("/health").status_code == 200
+            client.post("/pause_generation", json={"mode": "abort"})
+            start = time.monotonic()
+            assert client.get("/health").status_code == paused_status, generation
+            assert time.monotonic() - start < (5 if generation == "1" else 0.5)
+            assert client.get("/health_generate").status_code == 503  # always the generation check
+            client.post("/continue_generation", json={})
+            assert client.get("/health").status_code == 200
 
 
 def test_unknown_sampling_key_is_a_400(served):

@@ -1,54 +1,33 @@
 #!/usr/bin/env bash
-# Fill a wheel folder for tools/gpu_check.sh on a CUDA machine without internet.
+# Fetch the wheels tools/gpu_check.sh installs on the GPU machine (no internet there).
 #
-#   tools/gpu_wheels.sh [WHEEL_DIR] [PYTHON_VERSION]     (defaults: .whl, this python's X.Y)
+#   tools/gpu_wheels.sh [WHEEL_DIR]      (default: .whl, git-ignored; carry it to the machine)
 #
-# Run it on a machine with internet, inside the project's environment: it pins the versions
-# installed here of what the GPU checks import (megatron-core, transformers, safetensors, psutil,
-# pytest + their dependencies), leaving out torch and everything torch brings (the GPU machine
-# has its own CUDA torch), and downloads manylinux/pure-Python wheels for PYTHON_VERSION.
+# Run it where PyPI is reachable. It downloads, for the GPU machine's Python 3.12 on x86-64, only
+# what its image lacks (tools/gpu_wheels.txt, written and checked by tools/gpu_deps.py), and fails
+# if the wheels and the working tree that travels with them exceed what one call may carry (64 MiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS="${1:-.whl}"
-PY="${PYTHON:-python}"
-PYVER="${2:-$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')}"
+PY="${PYTHON:-.venv/bin/python}"
+CARRY_LIMIT=$((64 * 1024 * 1024))
+rm -rf "$WHEELS"
 mkdir -p "$WHEELS"
+grep -v '^#' tools/gpu_wheels.txt > "$WHEELS/requirements.txt"
+platforms=()
+for n in 17 24 27 28 31 34 35; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: --dest "$WHEELS" --python-version 3.12 \
+    --implementation cp --abi cp312 --abi abi3 --abi none "${platforms[@]}" --platform manylinux2014_x86_64 \
+    --platform any -r "$WHEELS/requirements.txt"
 
-"$PY" - "$WHEELS/requirements.txt" <<'PY'
-import re
-import sys
-from importlib.metadata import distribution
-
-from packaging.requirements import Requirement
-
-
-def closure(names):
-    seen = {}
-    todo = list(names)
-    while todo:
-        dist = distribution(todo.pop())
-        key = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
-        if key in seen:
-            continue
-        seen[key] = dist.version
-        for spec in dist.requires or []:
-            req = Requirement(spec)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name)
-    return seen
-
-
-wanted = closure(["megatron-core", "transformers", "safetensors", "psutil", "pytest", "pytest-timeout", "httpx", "tenacity",
-                  "fastapi", "uvicorn", "sglang-router"])
-for name in closure(["torch"]):
-    wanted.pop(name, None)
-with open(sys.argv[1], "w") as f:
-    f.writelines(f"{name}=={version}\n" for name, version in sorted(wanted.items()))
-print(f"pinned {len(wanted)} packages in {sys.argv[1]}")
-PY
-
-"$PY" -m pip download --quiet --no-deps --only-binary=:all: --dest "$WHEELS" \
-    --python-version "$PYVER" --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -r "$WHEELS/requirements.txt"
-echo "wheels for python $PYVER in $WHEELS"
+wheels=$(du -cb "$WHEELS"/*.whl | tail -1 | cut -f1)
+tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | grep total$ \
+       | awk '{s += $1} END {print s}')
+count=$(ls "$WHEELS"/*.whl | wc -l)
+echo "gpu_wheels: $count wheels, $((wheels / 1024 / 1024)) MiB, with the working tree $(((wheels + tree) / 1024 / 1024)) MiB of $((CARRY_LIMIT / 1024 / 1024)) MiB"
+if [ "$count" -ne "$(wc -l < "$WHEELS/requirements.txt")" ]; then
+    echo "gpu_wheels: expected one wheel per line of tools/gpu_wheels.txt" >&2; exit 1
+fi
+if [ $((wheels + tree)) -gt $CARRY_LIMIT ]; then
+    echo "gpu_wheels: more than one call may carry to the GPU machine" >&2; exit 1
+fi

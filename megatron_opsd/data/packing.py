@@ -132,10 +132,11 @@ class PackedSequences:
         return torch.repeat_interleave(
             torch.arange(self.cu_seqlens.numel() - 1), self.cu_seqlens.diff().long(), output_size=self.length)
 
-    def attention_mask(self) -> torch.Tensor:
-        """[1, 1, T, T] bool, True = masked (Megatron's convention): causal within each segment only."""
-        segment = self.segment_ids
-        idx = torch.arange(self.length)
+    def attention_mask(self, device: torch.device | None = None) -> torch.Tensor:
+        """[1, 1, T, T] bool, True = masked (Megatron's convention): causal within each segment only;
+        formed on ``device`` (a GPU builds it there rather than receiving T x T bytes from the host)."""
+        segment = self.segment_ids.to(device)
+        idx = torch.arange(self.length, device=device)
         allowed = (segment[:, None] == segment[None, :]) & (idx[None, :] <= idx[:, None])
         return (~allowed)[None, None]
 

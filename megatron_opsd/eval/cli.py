@@ -30,6 +30,7 @@ from megatron_opsd.data.prompts import PromptBuilder, PromptConfig, PromptError,
 from megatron_opsd.data.sources import DataConfig, DataError, Problem, load_problems
 from megatron_opsd.eval.evaluate import EvalConfig, evaluate, reference_of, write_report
 from megatron_opsd.fileio import unreadable_safetensors
+from megatron_opsd.platform import current_device
 from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_opsd.rollout.engine import RolloutEngine
 from megatron_opsd.rollout.factory import SamplingEngineConfig, start_fleet
@@ -111,7 +112,7 @@ def _into_embedded(cfg: EmbeddedEngineConfig) -> Callable[[list, Any, Path], tup
     def load(chunks: list, config: Any, hf_dir: Path) -> tuple[EmbeddedEngine, Path]:
         from megatron_opsd.models.bridge import model_hf_tensors
 
-        engine = EmbeddedEngine.from_hf_config(config, cfg)
+        engine = EmbeddedEngine.from_hf_config(config, cfg, current_device())
         engine.update_weights(model_hf_tensors(chunks), version=0)
         return engine, hf_dir
 
@@ -158,7 +159,7 @@ def open_model(path: Path, cfg: Any) -> Iterator[tuple[RolloutEngine, Path, int]
     if cfg.kind == "embedded":
         if hf:
             try:
-                engine = EmbeddedEngine.from_pretrained(path, cfg)
+                engine = EmbeddedEngine.from_pretrained(path, cfg, current_device())
             except OSError as exc:  # what transformers raises for missing or unreadable files
                 raise ModelError(f"cannot load Hugging Face model {path}: {exc}") from exc
             yield engine, path, engine.context_length

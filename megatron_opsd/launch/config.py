@@ -12,6 +12,7 @@ from megatron_opsd.launch.slurm import LaunchError
 from megatron_opsd.section import Section
 
 PREFIX = "OPSD_"
+RENAMED = {"OPSD_SGLANG_TP": "OPSD_SERVER_TP"}  # settings under an old name: an error naming the new one
 
 
 class LaunchConfig(Section):
@@ -23,10 +24,10 @@ class LaunchConfig(Section):
     tp: int | None = Field(default=None, ge=1, description="the trainer's tensor-parallel size (parallel.tp); "
                            "default: the training config's")
     pp: int | None = Field(default=None, ge=1, description="its pipeline-parallel size (parallel.pp)")
-    sglang_tp: int | None = Field(default=None, ge=1, description="TP size of each SGLang server "
-                                  "(rollout.engine.servers.tp); default: the training config's")
+    server_tp: int | None = Field(default=None, ge=1, description="TP size of each rollout server, SGLang's or "
+                                  "vLLM's (rollout.engine.servers.tp); default: the training config's")
     servers_per_node: int | None = Field(
-        default=None, ge=1, description="SGLang servers per rollout node; default: GPUs / SGLang TP (1 on CPU)")
+        default=None, ge=1, description="rollout servers per rollout node; default: GPUs / server TP (1 on CPU)")
     fabric_prefix: str | None = Field(
         default=None, description="address prefix of the fabric every process binds and NCCL/gloo use (e.g. 10.); "
         "default: the address each node's host name resolves to")
@@ -42,6 +43,9 @@ class LaunchConfig(Section):
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> LaunchConfig:
+        renamed = [f"{old} is now {new} (SGLang's and vLLM's servers)" for old, new in RENAMED.items() if env.get(old)]
+        if renamed:
+            raise LaunchError("; ".join(renamed))
         values = {name: env[PREFIX + name.upper()] for name in cls.model_fields if env.get(PREFIX + name.upper())}
         try:
             return cls.model_validate(values)

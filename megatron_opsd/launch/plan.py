@@ -3,8 +3,10 @@ config. Made once by the batch script's ``opsd launch`` (and printed whole by a 
 the job steps' ``opsd launch task`` (``plan.json`` in the job's log directory).
 
 Roles: the first ``OPSD_TRAIN_NODES`` nodes run the trainer (one torchrun per node), the others
-SGLang servers (``OPSD_SERVERS_PER_NODE`` each, of ``OPSD_SGLANG_TP`` GPUs), and the router on the
-first of them. Each role is one background ``srun``.
+the rollout servers, SGLang's or vLLM's (``rollout.engine.kind``; ``OPSD_SERVERS_PER_NODE`` each, of
+``OPSD_SERVER_TP`` GPUs), and, for SGLang, the router on the first of them (the trainer balances
+vLLM's servers itself). Each role is one background ``srun``; every server task sees its node's
+GPUs (``--gpu-bind=none``) and takes its own ``OPSD_SERVER_TP`` of them (``CUDA_VISIBLE_DEVICES``).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from megatron_opsd.launch.network import Ports
 from megatron_opsd.launch.slurm import Job, LaunchError
 
 ROLES = ("server", "router", "trainer")  # what a job step's task runs (opsd launch task ROLE)
+FLEET_KINDS = ("sglang", "vllm")  # the rollout engines whose servers the job starts on its rollout nodes
 PLAN_FILE = "plan.json"
 CONFIG_FILE = "config.yaml"  # the training config the trainer runs (with the fleet's URLs)
 STOP_FILE = "stop"  # written by the launcher when the batch script is asked to stop (checkpoint.stop_file)
@@ -37,7 +40,7 @@ class ServerSlot:
     node: str
     port: int
     nccl_port: int
-    base_gpu_id: int
+    base_gpu_id: int  # its first GPU among its node's (it takes server_tp from there)
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ class Plan:
     procs_per_node: int
     tp: int
     pp: int
-    sglang_tp: int
+    server_kind: str | None  # sglang, vllm, or None: no fleet
+    server_tp: int
     servers: list[ServerSlot]
     fabric_prefix: str | None
     port_base: int
@@ -86,6 +90,10 @@ class Plan:
         return bool(self.servers)
 
     @property
+    def uses_router(self) -> bool:
+        return self.server_kind == "sglang" and self.config["rollout"]["engine"]["router"]["enabled"]
+
+    @property
     def stop_grace_s(self) -> float:
         return float(self.config["checkpoint"]["stop_grace_s"])
 
@@ -96,9 +104,9 @@ class Plan:
         """The config the trainer runs: this plan's, adopting the servers and the router."""
         config = copy.deepcopy(self.config)
         if self.uses_fleet:
-            engine = config["rollout"]["engine"]
-            engine["urls"] = server_urls
-            engine["router"]["url"] = router_url
+            config["rollout"]["engine"]["urls"] = server_urls
+        if self.uses_router:
+            config["rollout"]["engine"]["router"]["url"] = router_url
         return config
 
     # -- files -----------------------------------------------------------------------------------
@@ -127,21 +135,23 @@ class Plan:
              f"x DP {self.dp}"),
         ]
         if self.uses_fleet:
+            router = f"router on {self.rollout_nodes[0]}" if self.uses_router else "balanced by the trainer"
             lines.append(f"rollout: {len(self.rollout_nodes)} nodes ({', '.join(self.rollout_nodes)}): "
-                         f"{len(self.servers)} servers of TP {self.sglang_tp}, "
-                         f"{len(self.servers) // len(self.rollout_nodes)} per node; router on {self.rollout_nodes[0]}")
+                         f"{len(self.servers)} {self.server_kind} servers of TP {self.server_tp}, "
+                         f"{len(self.servers) // len(self.rollout_nodes)} per node; {router}")
         fabric = f"addresses starting with {self.fabric_prefix!r}" if self.fabric_prefix else \
             "the address each node's host name resolves to"
         lines += [f"fabric: {fabric}, resolved on each node; NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME: its interface",
                   (f"ports: master {ports.master}, router {ports.router} (metrics {ports.router_metrics}), weight sync "
                   f"{ports.sync}+stage, servers from {ports.server(0)} (each with an NCCL port after it)")]
         for s in self.servers:
-            gpu_ids = f", GPUs {s.base_gpu_id}-{s.base_gpu_id + self.sglang_tp - 1}" if self.gpus_per_node else ""
+            gpu_ids = f", GPUs {s.base_gpu_id}-{s.base_gpu_id + self.server_tp - 1}" if self.gpus_per_node else ""
             lines.append(f"  server {s.index}: {s.node}:{s.port} (nccl {s.nccl_port}{gpu_ids})")
         lines.append(f"servers start from: {self.model_path}" + (f" ({self.load_format})" if self.load_format else ""))
         lines.append("steps:")
         lines += [f"  {s.name}: {' '.join(s.srun)}" for s in self.steps]
-        urls = "; rollout.engine.urls and router.url are filled in once the servers answer" if self.uses_fleet else ""
+        urls = "; rollout.engine.urls" + (" and router.url are" if self.uses_router else " is") + \
+            " filled in once the servers answer" if self.uses_fleet else ""
         lines.append(f"training config ({CONFIG_FILE}{urls}):")
         lines += ["  " + line for line in yaml.safe_dump(self.config, sort_keys=False).splitlines()]
         return "\n".join(lines)
@@ -159,24 +169,24 @@ def make_plan(job: Job, launch: LaunchConfig, config_path: Path, overrides: list
     ours = [f"run_dir={run_dir}", f"checkpoint.stop_file={log_dir}/{STOP_FILE}"]
     ours += [f"parallel.{k}={v}" for k, v in (("tp", launch.tp), ("pp", launch.pp)) if v]
     cfg = load_config(TrainConfig, config_path, [*overrides, *ours])
-    fleet = cfg.rollout.engine.kind == "sglang"
-    if fleet:
-        cfg.rollout.engine.servers.tp = launch.sglang_tp or cfg.rollout.engine.servers.tp
+    kind = cfg.rollout.engine.kind if cfg.rollout.engine.kind in FLEET_KINDS else None
+    if kind:
+        cfg.rollout.engine.servers.tp = launch.server_tp or cfg.rollout.engine.servers.tp
         cfg.rollout.sync.port = ports.sync
 
     trainer_nodes, rollout_nodes = list(job.nodes[:launch.train_nodes]), list(job.nodes[launch.train_nodes:])
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    sglang_tp = cfg.rollout.engine.servers.tp if fleet else 0
-    per_node = (launch.servers_per_node or (gpus // sglang_tp if gpus else 1)) if fleet else 0
-    errors = _layout_errors(job, launch, gpus, procs, tp, pp, fleet, sglang_tp, per_node, len(rollout_nodes))
+    server_tp = cfg.rollout.engine.servers.tp if kind else 0
+    per_node = (launch.servers_per_node or (gpus // server_tp if gpus else 1)) if kind else 0
+    errors = _layout_errors(job, launch, gpus, procs, tp, pp, kind, server_tp, per_node, len(rollout_nodes))
     errors += ports.errors(len(rollout_nodes) * per_node, pp)
     if errors:
         raise LaunchError("the job's plan does not fit:\n  " + "\n  ".join(errors))
-    servers = [ServerSlot(i, node, ports.server(i), ports.server_nccl(i), base_gpu_id=local * sglang_tp)
+    servers = [ServerSlot(i, node, ports.server(i), ports.server_nccl(i), base_gpu_id=local * server_tp)
                for i, (node, local) in enumerate((n, k) for n in rollout_nodes for k in range(per_node))]
     model_path = cfg.model.hf or f"{run_dir}/launch/model"
     plan = Plan(job=job, trainer_nodes=trainer_nodes, rollout_nodes=rollout_nodes, gpus_per_node=gpus,
-                procs_per_node=procs, tp=tp, pp=pp, sglang_tp=sglang_tp, servers=servers,
+                procs_per_node=procs, tp=tp, pp=pp, server_kind=kind, server_tp=server_tp, servers=servers,
                 fabric_prefix=launch.fabric_prefix, port_base=ports.base, run_dir=run_dir, log_dir=log_dir,
                 config=cfg.model_dump(mode="json"), model_path=model_path,
                 load_format=None if cfg.model.hf else "dummy", startup_s=launch.startup_s, on_stop=launch.on_stop,
@@ -185,8 +195,8 @@ def make_plan(job: Job, launch: LaunchConfig, config_path: Path, overrides: list
     return plan
 
 
-def _layout_errors(job: Job, launch: LaunchConfig, gpus: int, procs: int, tp: int, pp: int, fleet: bool,
-                   sglang_tp: int, per_node: int, rollout_nodes: int) -> list[str]:
+def _layout_errors(job: Job, launch: LaunchConfig, gpus: int, procs: int, tp: int, pp: int, kind: str | None,
+                   server_tp: int, per_node: int, rollout_nodes: int) -> list[str]:
     errors = []
     ranks = launch.train_nodes * procs
     if launch.train_nodes > len(job.nodes):
@@ -198,14 +208,14 @@ def _layout_errors(job: Job, launch: LaunchConfig, gpus: int, procs: int, tp: in
         errors.append(f"TP {tp} does not divide the {procs} ranks of a node (tensor parallelism stays within a node)")
     if gpus and procs > gpus:
         errors.append(f"{procs} trainer ranks per node but {gpus} GPUs")
-    if fleet and rollout_nodes == 0:
-        errors.append(f"rollout.engine.kind is sglang but no node is left for servers ({len(job.nodes)} nodes, "
+    if kind and rollout_nodes == 0:
+        errors.append(f"rollout.engine.kind is {kind} but no node is left for servers ({len(job.nodes)} nodes, "
                       f"OPSD_TRAIN_NODES={launch.train_nodes})")
-    if not fleet and rollout_nodes:
+    if not kind and rollout_nodes:
         errors.append(f"{rollout_nodes} nodes beyond OPSD_TRAIN_NODES would sit idle: rollout.engine.kind is not "
-                      f"sglang")
-    if fleet and gpus and (gpus % sglang_tp or per_node * sglang_tp > gpus):
-        errors.append(f"{per_node} servers of SGLang TP {sglang_tp} do not fit a node's {gpus} GPUs (SGLang TP must "
+                      f"{' or '.join(FLEET_KINDS)}")
+    if kind and gpus and (gpus % server_tp or per_node * server_tp > gpus):
+        errors.append(f"{per_node} servers of TP {server_tp} do not fit a node's {gpus} GPUs (the server TP must "
                       f"divide them)")
     return errors
 
@@ -213,7 +223,9 @@ def _layout_errors(job: Job, launch: LaunchConfig, gpus: int, procs: int, tp: in
 def _steps(plan: Plan, servers_per_node: int, cpus_per_node: int | None) -> list[Step]:
     """The srun of each role. Steps that share a node need ``--exact`` (a step takes every CPU
     otherwise) or ``--overlap`` (the router, beside the servers); ``--kill-on-bad-exit`` ends a
-    role when one of its tasks fails, so that the launcher sees it at once."""
+    role when one of its tasks fails, so that the launcher sees it at once. A step of its own
+    nodes takes all of their memory (``--mem=0``, whatever the site's DefMemPerCPU) and shows
+    every task all of their GPUs (``--gpu-bind=none``: the tasks choose theirs)."""
     log_dir, task = plan.log_dir, [plan.python, "-m", "megatron_opsd.cli", "launch", "task"]
     plan_file = f"{log_dir}/{PLAN_FILE}"
 
@@ -223,16 +235,19 @@ def _steps(plan: Plan, servers_per_node: int, cpus_per_node: int | None) -> list
                 f"--output={log}", "--open-mode=append"]
         if cpus_per_node and not share:
             line.append(f"--cpus-per-task={max(1, cpus_per_node // per_node)}")
+        if not share:
+            line.append("--mem=0")
         if plan.gpus_per_node and not share:
-            line.append(f"--gpus-per-node={plan.gpus_per_node}")
+            line += [f"--gpus-per-node={plan.gpus_per_node}", "--gpu-bind=none"]
         return line
 
     steps = []
-    if plan.uses_fleet:
+    if plan.uses_router:
         first = plan.rollout_nodes[:1]
-        steps += [Step("router", first, [*srun("router", first, 1, f"{log_dir}/router.log", share=True),
-                                         *task, "router", plan_file]),
-                  Step("servers", plan.rollout_nodes,
+        steps.append(Step("router", first, [*srun("router", first, 1, f"{log_dir}/router.log", share=True),
+                                            *task, "router", plan_file]))
+    if plan.uses_fleet:
+        steps += [Step("servers", plan.rollout_nodes,
                        [*srun("servers", plan.rollout_nodes, servers_per_node, f"{log_dir}/server-%t.log"),
                         *task, "server", plan_file])]
     trainer = srun("trainer", plan.trainer_nodes, 1, f"{log_dir}/trainer-%t.log")

@@ -91,15 +91,16 @@ class Launch:
 
     # -- the job ---------------------------------------------------------------------------------
 
-    def wait_for_fleet(self) -> tuple[list[str], str]:
-        """(server URLs, router URL) once every one answers /health; a dead step or the deadline fails."""
+    def wait_for_fleet(self) -> tuple[list[str], str | None]:
+        """(server URLs, router URL or None) once every one answers /health; a dead step or the deadline fails."""
         deadline = self.started_at + self.plan.startup_s
-        names = [f"server-{s.index}" for s in self.plan.servers] + ["router"]
+        steps = ["router", "servers"] if self.plan.uses_router else ["servers"]
+        names = [f"server-{s.index}" for s in self.plan.servers] + (["router"] if self.plan.uses_router else [])
         ready: dict[str, str] = {}
         api_key = os.environ.get(API_KEY_ENV)
         while len(ready) < len(names):
             self._raise_if_stopped()
-            self.check_alive("router", "servers")
+            self.check_alive(*steps)
             for name in names:
                 entry = announced(self.plan, name) if name not in ready else None
                 if entry and Server(entry["url"], api_key, 5.0).healthy(timeout_s=2.0):
@@ -107,10 +108,11 @@ class Launch:
                     self.phase(f"{name} answers at {entry['url']}")
             if len(ready) < len(names) and time.monotonic() > deadline:
                 waiting = [n for n in names if n not in ready]
+                tails = "".join(self.tails(self.plan.step(step)) for step in steps)
                 raise LaunchError(f"no /health from {', '.join(waiting)} within {self.plan.startup_s:g} s; logs end:"
-                                  f"{self.tails(self.plan.step('servers'))}{self.tails(self.plan.step('router'))}")
+                                  f"{tails}")
             time.sleep(0.5)
-        return [ready[f"server-{s.index}"] for s in self.plan.servers], ready["router"]
+        return [ready[f"server-{s.index}"] for s in self.plan.servers], ready.get("router")
 
     def _raise_if_stopped(self) -> None:
         if self.stop_signal is not None:
@@ -154,7 +156,8 @@ def launch(plan: Plan) -> int:
             if plan.uses_fleet:
                 if plan.load_format == "dummy":
                     _write_model_files(plan)
-                run.start(plan.step("router"))
+                if plan.uses_router:
+                    run.start(plan.step("router"))
                 run.start(plan.step("servers"))
                 urls, router = run.wait_for_fleet()
             config = plan.training_config(urls, router)

@@ -13,12 +13,14 @@ from typing import Any, NoReturn
 
 from megatron_opsd.fileio import atomic_write_text
 from megatron_opsd.launch.network import fabric_interface
-from megatron_opsd.launch.plan import CONFIG_FILE, ROLES, Plan
+from megatron_opsd.launch.plan import CONFIG_FILE, ROLES, Plan, ServerSlot
 from megatron_opsd.launch.slurm import LaunchError
 from megatron_opsd.rollout.factory import API_KEY_ENV
+from megatron_opsd.rollout.sglang import fleet as sglang_fleet
 from megatron_opsd.rollout.sglang.config import SGLangEngineConfig
-from megatron_opsd.rollout.sglang.fleet import router_command, server_command
 from megatron_opsd.rollout.sync.distributed import NODE_ADDRESS_ENV
+from megatron_opsd.rollout.vllm import engine as vllm_engine
+from megatron_opsd.rollout.vllm.config import VLLMEngineConfig
 
 REGISTRY = "registry"
 
@@ -41,22 +43,18 @@ def run_task(role: str, plan_path: Path, env: Mapping[str, str] = os.environ) ->
 
 def task_command(plan: Plan, role: str, interface: str, address: str,
                  env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-    """(command line, environment) of this task of ``role``, announced in the registry."""
+    """(command line, environment) of this task of ``role``, announced in the registry. Every task
+    talks NCCL and gloo over the fabric's ``interface`` (a server's weight group too)."""
     rank = int(env.get("SLURM_PROCID", "0"))
-    engine = SGLangEngineConfig.model_validate(plan.config["rollout"]["engine"]) if plan.uses_fleet else None
     api_key = env.get(API_KEY_ENV)
+    env = {**env, "NCCL_SOCKET_IFNAME": interface, "GLOO_SOCKET_IFNAME": interface}
     if role == "server":
-        slot = plan.servers[rank]
-        extra = ["--nccl-port", str(slot.nccl_port)]
-        if plan.gpus_per_node:
-            extra += ["--base-gpu-id", str(slot.base_gpu_id)]
-        argv = server_command(engine, plan.model_path, address, slot.port, 0, plan.load_format, api_key, extra)
-        announce(plan, f"server-{slot.index}", {"url": f"http://{address}:{slot.port}", "node": slot.node})
-        return argv, env
+        return _server(plan, plan.servers[rank], address, api_key, env)
     if role == "router":
         ports = plan.ports
         announce(plan, "router", {"url": f"http://{address}:{ports.router}"})
-        return router_command(engine, address, ports.router, ports.router_metrics, api_key), env
+        engine = SGLangEngineConfig.model_validate(plan.config["rollout"]["engine"])
+        return sglang_fleet.router_command(engine, address, ports.router, ports.router_metrics, api_key), env
     if role != "trainer":
         raise LaunchError(f"unknown task role {role!r} (one of {', '.join(ROLES)})")
     if rank == 0:
@@ -64,13 +62,33 @@ def task_command(plan: Plan, role: str, interface: str, address: str,
         master = address
     else:
         master = _wait_for_master(plan)
-    env.update({"NCCL_SOCKET_IFNAME": interface, "GLOO_SOCKET_IFNAME": interface, NODE_ADDRESS_ENV: address,
+    env.update({NODE_ADDRESS_ENV: address,
                 # torchrun's SIGTERM handling kills its workers after this long: give them their checkpoint
                 "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(plan.stop_grace_s + 60)), "PYTHONUNBUFFERED": "1"})
     argv = [plan.python, "-m", "torch.distributed.run", "--nnodes", str(len(plan.trainer_nodes)),
             "--nproc-per-node", str(plan.procs_per_node), "--node-rank", str(rank), "--master-addr", master,
             "--master-port", str(plan.ports.master), "-m", "megatron_opsd.cli", "train",
             f"{plan.log_dir}/{CONFIG_FILE}"]
+    return argv, env
+
+
+def _server(plan: Plan, slot: ServerSlot, address: str, api_key: str | None,
+            env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """Server ``slot``'s command line and environment: SGLang's or vLLM's, on its own GPUs."""
+    raw = plan.config["rollout"]["engine"]
+    if plan.server_kind == "vllm":
+        engine = VLLMEngineConfig.model_validate(raw)
+        argv = vllm_engine.server_command(engine, plan.model_path, address, slot.port, plan.load_format, api_key)
+        env |= vllm_engine.server_env(engine, address)
+    else:
+        engine = SGLangEngineConfig.model_validate(raw)
+        argv = sglang_fleet.server_command(engine, plan.model_path, address, slot.port, 0, plan.load_format, api_key,
+                                           ["--nccl-port", str(slot.nccl_port)])
+        env |= sglang_fleet.server_env()
+    if plan.gpus_per_node:  # the step shows every task its node's GPUs (--gpu-bind=none)
+        visible = env.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(plan.gpus_per_node)))).split(",")
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[slot.base_gpu_id:slot.base_gpu_id + plan.server_tp])
+    announce(plan, f"server-{slot.index}", {"url": f"http://{address}:{slot.port}", "node": slot.node})
     return argv, env
 
 

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import torch
 from megatron.core import parallel_state as ps
+from megatron.core.transformer.spec_utils import ModuleSpec
 from pydantic import Field, model_validator
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -120,6 +121,7 @@ def build_model(
     *,
     vocab_divisor: int = 128,
     use_te: bool | None = None,
+    spec: ModuleSpec | None = None,
     **config_overrides: Any,
 ) -> list[LlamaFamilyModel]:
     """This rank's model chunks for the current Megatron parallel state (one chunk per rank).
@@ -127,7 +129,8 @@ def build_model(
     Parameters are randomly initialized; load weights with ``bridge.load_hf_weights`` or
     ``checkpoint.load``. ``config_overrides`` go to ``TransformerConfig`` (e.g. recompute); pass
     ``perform_initialization=False`` when every weight is loaded right after (the random init
-    dominates a conversion's time on CPU: bench/RESULTS.md, "conversion").
+    dominates a conversion's time on CPU: bench/RESULTS.md, "conversion"). ``spec``: another
+    layer spec than :func:`layer_spec`'s (``use_te`` then does not apply).
     """
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -140,7 +143,7 @@ def build_model(
     config = transformer_config(arch, tp=tp, pp=pp, dtype=dtype, use_cpu_initialization=not on_cuda, **config_overrides)
     model = LlamaFamilyModel(
         config,
-        layer_spec(arch, use_te),
+        spec if spec is not None else layer_spec(arch, use_te),
         arch,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),

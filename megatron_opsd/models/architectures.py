@@ -8,7 +8,6 @@ checkpoint is never silently run with different semantics.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,7 +182,10 @@ def rope_inv_freq(arch: Architecture) -> torch.Tensor:
 
 
 def have_transformer_engine() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
+    """Whether Transformer Engine imports, as Megatron sees it (an installed but broken TE is absent)."""
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    return HAVE_TE
 
 
 def transformer_config(
@@ -232,12 +234,12 @@ def transformer_config(
 
 
 def layer_spec(arch: Architecture, use_te: bool | None = None) -> ModuleSpec:
-    """Transformer Engine layer spec when TE is importable, else Megatron's local (torch) spec with
-    its core attention through torch's SDPA (:mod:`megatron_opsd.models.attention`).
+    """Transformer Engine layer spec when TE is importable, else Megatron's local (torch) spec; in
+    both the core attention is torch's SDPA (:mod:`megatron_opsd.models.attention`).
 
-    The attention mask type is ``arbitrary`` in both: the caller always passes an explicit mask
-    (block-diagonal causal for packed sequences), which the default ``causal`` type would ignore
-    in Transformer Engine.
+    The caller passes an explicit mask (block-diagonal causal for packed sequences), so the mask
+    type is ``arbitrary``. TE's own core attention takes an arbitrary mask only in its unfused
+    backend, which keeps ``[b * heads, s, s]`` scores for backward; SDPA's fused kernels keep O(s).
     """
     if use_te is None:
         use_te = have_transformer_engine()
@@ -245,6 +247,6 @@ def layer_spec(arch: Architecture, use_te: bool | None = None) -> ModuleSpec:
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
     return spec

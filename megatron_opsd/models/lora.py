@@ -15,8 +15,12 @@ Sharding follows the base linear (GQA included: TP splits whole query groups):
 
 The adapters of one linear are a module beside it (``self_attention.lora_qkv``, ``mlp.lora_fc1``,
 ...): a forward hook adds their delta to the linear's output, the base's parameter names stay as
-they are, and their ``sharded_state_dict`` makes checkpoints reshard like the base's. A starts as
-PEFT's (Kaiming-uniform) from a generator seeded by (seed, layer, projection) on the full shape,
+they are, and their ``sharded_state_dict`` makes checkpoints reshard like the base's. An adapter
+sees what the base weight multiplies: under Transformer Engine, ``linear_qkv`` and ``linear_fc1``
+are ``LayerNormLinear`` modules that normalise their input inside (the layer's own norms are
+identities), so the hook applies that module's norm to the input it receives (``adapter_input``).
+
+A starts as PEFT's (Kaiming-uniform) from a generator seeded by (seed, layer, projection) on the full shape,
 B at zero, so the adapted model starts as the base at any layout. Base weights are frozen: no
 gradient buffers or optimizer state. ``adapters_disabled`` is the base model (the fixed teacher)
 with no copy of any weight; ``merged_weights`` is what export writes: base + scale * B @ A.
@@ -30,6 +34,7 @@ from contextlib import contextmanager
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
@@ -118,7 +123,7 @@ class LinearAdapters(nn.Module):
         if not self.enabled:
             return output
         out, bias = output
-        return out + self(args[0]).to(out.dtype), bias
+        return out + self(adapter_input(module, args[0])).to(out.dtype), bias
 
     @torch.no_grad()
     def merged(self, weight: Tensor) -> Tensor:
@@ -132,6 +137,24 @@ class LinearAdapters(nn.Module):
         axes = {f"{n}_B": 0 for n in self.targets} if self.kind == "column" else {f"{n}_A": 1 for n in self.targets}
         return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, axes,
                                                    sharded_offsets)
+
+
+def adapter_input(linear: nn.Module, x: Tensor) -> Tensor:
+    """What ``linear``'s weight multiplies when it is called on ``x``: ``x`` itself, or, for a
+    linear with its input norm inside (Transformer Engine's ``LayerNormLinear``: ``layer_norm_weight``,
+    ``normalization``, ``eps``, ``zero_centered_gamma``), ``x`` normalised as that norm does it (in
+    fp32, cast back to ``x``'s dtype). Megatron builds those modules with ``return_layernorm_output=False``,
+    so the normalised input is not returned and is formed again here (one norm per adapted linear)."""
+    gamma = getattr(linear, "layer_norm_weight", None)
+    if gamma is None:
+        return x
+    gamma = gamma.float() + 1 if linear.zero_centered_gamma else gamma.float()
+    xf = x.float()
+    if linear.normalization == "RMSNorm":
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + linear.eps) * gamma
+    else:
+        normed = F.layer_norm(xf, (xf.shape[-1],), gamma, linear.layer_norm_bias.float(), linear.eps)
+    return normed.to(x.dtype)
 
 
 # (module holding the linear, linear, adapters' name, kind, projections in fused order)

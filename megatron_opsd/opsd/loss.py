@@ -60,6 +60,7 @@ from torch.autograd.function import once_differentiable
 from megatron_opsd.section import Section
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+CPU_CHUNK, GPU_CHUNK = 128, 2048  # default tokens per chunk (LossConfig.chunk_size)
 
 
 class LossConfig(Section):
@@ -74,9 +75,10 @@ class LossConfig(Section):
     top_k: int | None = Field(None, ge=1, description="teacher's global top-k, renormalized; None = full vocab")
     sampled_token: bool = Field(False, description="-A log p_S(y) on the sampled token instead of a divergence")
     vocab_size: int = Field(ge=1, description="true vocabulary size; output-layer rows beyond it are padding")
-    chunk_size: int = Field(128, ge=1, description="tokens per chunk of the fused loss (on CPU two [chunk_size, "
-                            "V_local] fp32 blocks stay allocated between steps, three for divergences other than "
-                            "forward KL or with top_k)")
+    chunk_size: int | None = Field(None, ge=1, description="tokens per chunk of the fused loss; None: 128 on CPU "
+                                   "(two [chunk_size, V_local] fp32 blocks stay allocated between steps, three for "
+                                   "divergences other than forward KL or with top_k), 2048 on a GPU (few large "
+                                   "GEMMs, two TP all-reduces per chunk)")
     weight_grad_fp32: bool = Field(True, description="accumulate the output-weight gradient over token chunks "
                                    "in fp32; False: in the weight dtype, one rounding per chunk, no fp32 "
                                    "[V_local, H] buffer")
@@ -95,6 +97,10 @@ class LossConfig(Section):
         if self.sampled_token and (self.clip is not None or self.top_k is not None):
             raise ValueError("sampled_token uses neither clip nor top_k; set clip: null and top_k: null")
         return self
+
+    def chunk_rows(self, device: torch.device) -> int:
+        """Tokens per chunk on ``device`` (``chunk_size``, else the device's default)."""
+        return self.chunk_size or (CPU_CHUNK if device.type == "cpu" else GPU_CHUNK)
 
     @property
     def kind(self) -> Divergence:
@@ -335,7 +341,8 @@ def _run_chunks(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.
         grad_w = torch.zeros(ws.shape, dtype=acc if cfg.weight_grad_fp32 else ws.dtype, device=ws.device)
     if sampled is not None:
         sampled.values = torch.empty(n, dtype=torch.float32, device=hs.device)
-    block = cfg.chunk_size * cfg.weight_grad_chunks  # tokens per weight-gradient GEMM
+    chunk = cfg.chunk_rows(hs.device)
+    block = chunk * cfg.weight_grad_chunks  # tokens per weight-gradient GEMM
     stash = torch.empty(min(block, n), valid, dtype=ws.dtype, device=ws.device) \
         if want_w and cfg.weight_grad_chunks > 1 else None
     tiled = cfg.kind == "forward_kl" and cfg.top_k is None and not cfg.sampled_token
@@ -345,8 +352,8 @@ def _run_chunks(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.
     from_loss = sampled is not None and sampled.temperature == cfg.temperature and cfg.top_k is None \
         and not cfg.sampled_token
     third_block = not tiled or (sampled is not None and not from_loss)
-    for s in range(0, n, cfg.chunk_size):
-        e = min(s + cfg.chunk_size, n)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
         blocks = [_block(i, e - s, valid, acc, hs.device) for i in range(2)]
         blocks.append(_block(2, e - s, valid, acc, hs.device) if third_block else None)
         zs = _scaled_logits(hs[s:e], ws_v, cfg.temperature, acc, out=blocks[0])

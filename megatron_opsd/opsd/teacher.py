@@ -16,6 +16,9 @@ Memory cost per parameter of this rank's shard (on the device, or on the CPU wit
   ``1 - decay`` = 1e-3 are below bf16 resolution and would stall); 6 bytes in bf16, 4 in fp32.
 With ``offload`` the set sits in pinned host memory (when CUDA is present) and is copied over
 PCIe twice per teacher pass; the teacher output-layer shard is brought to the device for the loss.
+Every copy to or from it is asynchronous on the current stream and the host never reads it
+between them (the EMA update runs on the device, a block at a time), so nothing waits for PCIe
+but the kernels that need the data; only a checkpoint's read of the set synchronises first.
 """
 from __future__ import annotations
 
@@ -58,7 +61,8 @@ class Teacher:
             return
         self.weights = [self._store(p) for p in self.params]
         if cfg.mode == "ema" and any(p.dtype != torch.float32 for p in self.params):
-            self.master = [w.float() for w in self.weights]
+            pinned = cfg.offload and torch.cuda.is_available()
+            self.master = [w.float().pin_memory() if pinned else w.float() for w in self.weights]
 
     def _store(self, p: torch.Tensor) -> torch.Tensor:
         if not self.cfg.offload:
@@ -66,22 +70,34 @@ class Teacher:
         host = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=torch.cuda.is_available())
         return host.copy_(p.detach())
 
+    @property
+    def _offloaded(self) -> bool:
+        """Whether the set lives on the host while the model is on a GPU (copies are asynchronous)."""
+        return self.weights is not None and bool(self.params) and self.weights[0].device != self.params[0].device
+
     @torch.no_grad()
     def _exchange(self) -> None:
         """Swap every parameter with its teacher weights a block at a time through one small scratch
-        tensor, which stays in cache (a parameter-sized temporary is a fresh allocation twice a step,
-        page faults included on CPU)."""
+        tensor on the model's device, which stays in cache (a parameter-sized temporary is a fresh
+        allocation twice a step, page faults included on CPU). Offloaded: each block goes host ->
+        scratch, model -> host, scratch -> model, all queued on the stream without waiting."""
         scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        offloaded = self._offloaded
         for p, w in zip(self.params, self.weights):
             model, teacher = p.detach().view(-1), w.view(-1)
-            block = scratch.get((p.dtype, w.device))
+            block = scratch.get((p.dtype, model.device))
             if block is None:
-                block = scratch[(p.dtype, w.device)] = torch.empty(SWAP_BLOCK, dtype=p.dtype, device=w.device)
+                block = scratch[(p.dtype, model.device)] = torch.empty(SWAP_BLOCK, dtype=p.dtype, device=model.device)
             for s in range(0, model.numel(), SWAP_BLOCK):
                 e = min(s + SWAP_BLOCK, model.numel())
-                held = block[:e - s].copy_(model[s:e])
-                model[s:e].copy_(teacher[s:e])
-                teacher[s:e].copy_(held)
+                if offloaded:
+                    held = block[:e - s].copy_(teacher[s:e], non_blocking=True)
+                    teacher[s:e].copy_(model[s:e], non_blocking=True)
+                    model[s:e].copy_(held)
+                else:
+                    held = block[:e - s].copy_(model[s:e])
+                    model[s:e].copy_(teacher[s:e])
+                    teacher[s:e].copy_(held)
 
     @contextmanager
     def weights_in_model(self) -> Iterator[None]:
@@ -112,6 +128,9 @@ class Teacher:
         if self.cfg.mode != "ema":
             return
         alpha = 1.0 - self.cfg.ema_decay
+        if self._offloaded:
+            self._update_offloaded(alpha)
+            return
         targets = self.master if self.master is not None else self.weights
         for p, t in zip(self.params, targets):
             t.lerp_(p.detach().to(t.device, t.dtype), alpha)
@@ -119,13 +138,34 @@ class Teacher:
             for w, m in zip(self.weights, self.master):
                 w.copy_(m)
 
+    def _update_offloaded(self, alpha: float) -> None:
+        """The EMA update of a set in host memory, on the device a block at a time: host -> device,
+        lerp, device -> host (the accumulator and the model-dtype copy), all queued without waiting."""
+        targets = self.master if self.master is not None else self.weights
+        for p, t, w in zip(self.params, targets, self.weights):
+            student, target, weights = p.detach().view(-1), t.view(-1), w.view(-1)
+            for s in range(0, student.numel(), SWAP_BLOCK):
+                e = min(s + SWAP_BLOCK, student.numel())
+                block = target[s:e].to(student.device, non_blocking=True).lerp_(student[s:e].to(t.dtype), alpha)
+                target[s:e].copy_(block, non_blocking=True)
+                if self.master is not None:
+                    weights[s:e].copy_(block.to(w.dtype), non_blocking=True)
+
     def state_tensors(self) -> list[torch.Tensor] | None:
-        """The tensors a checkpoint must hold to resume exactly (fp32 accumulator when there is one)."""
+        """The tensors a checkpoint must hold to resume exactly (fp32 accumulator when there is one),
+        every queued copy into them finished."""
+        self._settle()
         return self.master if self.master is not None else self.weights
 
     @torch.no_grad()
     def after_load(self) -> None:
         """Refresh the model-dtype copy after ``state_tensors()`` were loaded in place."""
+        self._settle()
         if self.master is not None:
             for w, m in zip(self.weights, self.master):
                 w.copy_(m)
+
+    def _settle(self) -> None:
+        """Wait for the queued copies into an offloaded set (before the host reads or writes it)."""
+        if self._offloaded:
+            torch.cuda.current_stream().synchronize()

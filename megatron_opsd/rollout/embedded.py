@@ -65,17 +65,20 @@ class EmbeddedEngine:
         self._plain_head = type(model).__name__ in SUPPORTED_ARCHITECTURES  # logits = lm_head(final hidden)
 
     @classmethod
-    def from_hf_config(cls, hf_config: PretrainedConfig, cfg: EmbeddedEngineConfig | None = None) -> EmbeddedEngine:
-        """A randomly initialized model of ``hf_config`` (weights come later via ``update_weights``)."""
+    def from_hf_config(cls, hf_config: PretrainedConfig, cfg: EmbeddedEngineConfig | None = None,
+                       device: torch.device | None = None) -> EmbeddedEngine:
+        """A randomly initialized model of ``hf_config`` on ``device`` (default: the CPU); weights
+        come later via ``update_weights``."""
         cfg = cfg or EmbeddedEngineConfig()
-        return cls(AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, cfg.dtype)), cfg)
+        return cls(AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, cfg.dtype)).to(device), cfg)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, cfg: EmbeddedEngineConfig | None = None) -> EmbeddedEngine:
-        """A local HF checkpoint directory (nothing is downloaded)."""
+    def from_pretrained(cls, path: str | Path, cfg: EmbeddedEngineConfig | None = None,
+                        device: torch.device | None = None) -> EmbeddedEngine:
+        """A local HF checkpoint directory (nothing is downloaded), on ``device`` (default: the CPU)."""
         cfg = cfg or EmbeddedEngineConfig()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype), local_files_only=True)
-        return cls(model, cfg)
+        return cls(model.to(device), cfg)
 
     # -- generation ------------------------------------------------------------------------------
 

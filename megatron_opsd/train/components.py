@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,11 @@ from megatron_opsd.models.checkpoint import ShardedStateful, Stateful
 from megatron_opsd.models.lora import add_adapters, has_adapters
 from megatron_opsd.models.peft_format import load_peft_adapters
 from megatron_opsd.parallel import Layout, initialize, on_rank0
-from megatron_opsd.platform import release_free_host_memory
+from megatron_opsd.platform import current_device, release_free_host_memory
 from megatron_opsd.rollout.engine import RolloutEngine
 from megatron_opsd.rollout.factory import build_engine
 from megatron_opsd.rollout.sync.base import ProbeCheck, WeightSync
-from megatron_opsd.rollout.sync.factory import build_weight_sync
+from megatron_opsd.rollout.sync.factory import build_weight_sync, process_environment
 from megatron_opsd.train.checkpoint import (
     ModelState,
     OptimizerState,
@@ -101,6 +102,8 @@ def build_components(cfg: TrainConfig) -> Components:
 
     Data comes first: a bad row should fail before minutes of model building.
     """
+    for name, value in process_environment(cfg.rollout.sync, cfg.rollout.engine, torch.cuda.is_available()).items():
+        os.environ.setdefault(name, value)
     initialize(Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp), seed=cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer)
     prompts = PromptBuilder(tokenizer, cfg.prompts)
@@ -137,7 +140,8 @@ def build_components(cfg: TrainConfig) -> Components:
     write_files = functools.partial(write_hf_files, hf_config=hf_config, dtype=cfg.model.dtype, tokenizer=tokenizer)
     engine = None
     if needs_engine:  # on rank 0; a fleet that fails to start fails every rank
-        engine = on_rank0(lambda: build_engine(cfg.rollout.engine, hf_config, run_dir / "rollout", write_files))
+        engine = on_rank0(lambda: build_engine(cfg.rollout.engine, hf_config, run_dir / "rollout", write_files,
+                                               current_device()))
     weight_sync = None
     if needs_engine:
         # At temperature 1: every engine scores that (vLLM's prompt log-probs ignore temperature), and a

@@ -23,7 +23,8 @@ reports the mean and max of ``|delta log p|`` over all response tokens (with a w
 k > 1 steps this includes the engine's staleness, which is what it should measure).
 
 Metrics (identical on every rank): loss (mean per-token loss), token_loss_max, response_tokens,
-grad_norm, lr, skipped / skipped_total, peak memory, per-phase seconds and packed tokens/s,
+grad_norm, lr, skipped / skipped_total, peak memory (the step's on a GPU, the process's RSS so
+far on CPU), per-phase seconds and packed tokens/s,
 the mismatch, and the algorithm's own (``Algorithm.metrics``).
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ from megatron_opsd.algorithms.base import Algorithm, ForwardPass, LossInputs
 from megatron_opsd.data.packing import MicroBatch, PackedSequences
 from megatron_opsd.data.sample import ROLLOUT_LOGPROBS
 from megatron_opsd.parallel import all_reduce_stats
-from megatron_opsd.platform import current_device, peak_memory_bytes
+from megatron_opsd.platform import current_device, peak_memory_bytes, reset_peak_memory
 from megatron_opsd.section import Section
 from megatron_opsd.train.optim import guarded_step, zero_grads
 
@@ -90,8 +91,8 @@ class PhaseTimer:
 def _forward(side: PackedSequences, model: torch.nn.Module) -> torch.Tensor:
     """One packed row through this stage: [1, T, H] final hidden states on the last stage."""
     device = current_device()
-    return model(side.tokens[None].to(device), side.position_ids[None].to(device),
-                 side.attention_mask().to(device), output="hidden")
+    return model(side.tokens[None].to(device), side.position_ids[None].to(device), side.attention_mask(device),
+                 output="hidden")
 
 
 def _select(hidden: torch.Tensor, side: PackedSequences) -> torch.Tensor:
@@ -204,6 +205,7 @@ class StepRunner:
         ``batches`` are this DP rank's micro-batches; every DP rank must pass the same number.
         """
         timer = PhaseTimer()
+        reset_peak_memory()  # the step's own peak on a GPU
         stats = self.accumulate_gradients(batches, timer)
         tokens = max(stats["tokens"], 1.0)
         loss = stats["loss_sum"] / tokens

@@ -1,4 +1,5 @@
-"""Two-rank checks of LoRA on Megatron against HF PEFT at TP=1, TP=2 and PP=2: forward and
+"""Two-rank checks of LoRA on Megatron against HF PEFT at TP=1, TP=2 and PP=2 (and under Transformer
+Engine's fused norm-linear contract, tests/te_contract.py): forward and
 gradients with the same adapter weights, the merged export against ``merge_and_unload``, the
 adapters-off model against the base, and the adapters' checkpoint resharded across layouts.
 Run by tests/test_lora.py."""
@@ -13,13 +14,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from transformers import AutoModelForCausalLM
 
-from megatron_opsd.models import build_model, checkpoint
+from megatron_opsd.models import build_model, checkpoint, load_hf_config, parse_hf_config
 from megatron_opsd.models.bridge import load_hf_weights, model_hf_tensors
 from megatron_opsd.models.forward import forward_only
 from megatron_opsd.models.lora import HF_MODULES, LoraConfig, adapters_disabled, adapters_of, add_adapters
 from megatron_opsd.models.peft_format import load_peft_adapters, write_peft_adapters
 from megatron_opsd.parallel import Layout, initialize
 from tests.distributed import run_checks, workdir_arg
+from tests.te_contract import fused_norm_spec
 from tests.tiny_models import save_tiny_model
 from tests.workers.models_conversion import batch
 
@@ -60,10 +62,12 @@ def peft_model(weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> peft.Pe
     return model
 
 
-def megatron_model(layout: Layout, weights: dict | None) -> list[torch.nn.Module]:
-    """The tiny model with adapters at ``layout``, loaded from ``weights`` saved by PEFT itself."""
+def megatron_model(layout: Layout, weights: dict | None, fused_norm: bool = False) -> list[torch.nn.Module]:
+    """The tiny model with adapters at ``layout``, loaded from ``weights`` saved by PEFT itself;
+    ``fused_norm``: q/k/v and gate/up normalise their input inside, as under Transformer Engine."""
     initialize(layout)
-    chunks = build_model(WORK / "hf")
+    arch = parse_hf_config(load_hf_config(WORK / "hf"), tp=layout.tp)
+    chunks = build_model(WORK / "hf", spec=fused_norm_spec(arch) if fused_norm else None)
     load_hf_weights(chunks, WORK / "hf")
     add_adapters(chunks, CFG, seed=1)
     if weights is not None:
@@ -81,13 +85,15 @@ def local_of(full: torch.Tensor, kind: str, which: str) -> torch.Tensor:
     return full.chunk(size, dim=0 if kind == "column" else 1)[rank] if sharded else full
 
 
-def check_forward_and_gradients(layout: Layout) -> None:
+def check_forward_and_gradients(layout: Layout, fused_norm: bool = False) -> None:
     ids = batch()
     reference = peft_model(weights := full_adapters(AutoModelForCausalLM.from_pretrained(WORK / "hf")))
     probe = torch.randn(*ids["input_ids"].shape, 1000, generator=torch.Generator().manual_seed(9))
     ref_logits = reference(ids["input_ids"]).logits
     (ref_logits * probe).sum().backward()
-    chunks = megatron_model(layout, weights)
+    chunks = megatron_model(layout, weights, fused_norm)
+    if fused_norm:  # the norms live in the linears, as in Transformer Engine's spec
+        assert hasattr(chunks[0].decoder.layers[0].self_attention.linear_qkv, "layer_norm_weight")
     logits = forward_only(chunks, [ids], gather_logits=True)
     if ps.is_pipeline_last_stage():
         diff = (logits[0][..., :1000] - ref_logits.detach()).abs().max().item()
@@ -132,18 +138,28 @@ def backward_through_stages(model: torch.nn.Module, ids: dict, probe: torch.Tens
         dist.send(received.grad, dst=0)
 
 
-def check_merged_export_and_base(layout: Layout) -> None:
+def check_merged_export_and_base(layout: Layout, fused_norm: bool = False) -> None:
+    """The merged export is PEFT's merge_and_unload, and serves the model that was trained: the
+    exported weights, run by transformers, give the adapted model's logits."""
     ids = batch()
     weights = full_adapters(AutoModelForCausalLM.from_pretrained(WORK / "hf"))
     merged = peft_model(weights).merge_and_unload().state_dict()
-    chunks = megatron_model(layout, weights)
+    chunks = megatron_model(layout, weights, fused_norm)
+    adapted = forward_only(chunks, [ids], gather_logits=True)
+    if ps.is_pipeline_last_stage():
+        served = AutoModelForCausalLM.from_pretrained(WORK / "hf", dtype=torch.float32).eval()
+        served.load_state_dict(merged)
+        with torch.no_grad():
+            diff = (adapted[0][..., :1000] - served(ids["input_ids"]).logits).abs().max().item()
+        assert diff < TOL, f"{layout}: the merged export serves logits {diff:.2e} away from the adapted model's"
     for name, tensor in model_hf_tensors(chunks):
         diff = (tensor - merged[name]).abs().max().item()
         assert diff < 1e-6, f"{layout}: merged {name} differs from PEFT's merge_and_unload by {diff:.2e}"
     with adapters_disabled(chunks):
         off = forward_only(chunks, [ids], gather_logits=True)
     initialize(layout)
-    base = build_model(WORK / "hf")
+    base = build_model(WORK / "hf", spec=fused_norm_spec(parse_hf_config(load_hf_config(WORK / "hf"), tp=layout.tp))
+                       if fused_norm else None)
     load_hf_weights(base, WORK / "hf")
     plain = forward_only(base, [ids], gather_logits=True)
     if ps.is_pipeline_last_stage():
@@ -213,6 +229,9 @@ CHECKS = {
     "merged_export_and_base_tp1": lambda: check_merged_export_and_base(Layout(1, 1)),
     "merged_export_and_base_tp2": lambda: check_merged_export_and_base(Layout(2, 1)),
     "merged_export_and_base_pp2": lambda: check_merged_export_and_base(Layout(1, 2)),
+    "forward_and_gradients_fused_norm_tp1": lambda: check_forward_and_gradients(Layout(1, 1), fused_norm=True),
+    "forward_and_gradients_fused_norm_tp2": lambda: check_forward_and_gradients(Layout(2, 1), fused_norm=True),
+    "merged_export_and_base_fused_norm_tp2": lambda: check_merged_export_and_base(Layout(2, 1), fused_norm=True),
     "adapters_reshard": check_adapters_reshard,
     "dropout_tp2": check_dropout_tp2,
     "peft_export_tp2": lambda: check_peft_export_reloads_in_peft(Layout(2, 1)),

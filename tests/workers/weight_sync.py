@@ -9,13 +9,14 @@ sglang``), pushes one version, and reads every server's weights back with ``/get
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 import torch.distributed as dist
 
 from megatron_opsd.rollout.engine import ProbeMismatchError
 from megatron_opsd.rollout.sglang.client import Server
-from megatron_opsd.rollout.sync.distributed import Bucket, DistributedSync
+from megatron_opsd.rollout.sync.distributed import Bucket, DistributedSync, WeightGroupError
 from megatron_opsd.train.components import Components, build_components
 from tests.distributed import run_checks
 from tests.workers.trainer_common import config, full_params, work_path
@@ -100,6 +101,29 @@ class _FailsOnServer1(DistributedSync):
         super().request_bucket(server, bucket, version)
 
 
+class _RefusesBeforeJoining(DistributedSync):
+    """Server 1 is sent the bucket under a group it does not have: it answers 400 without joining the
+    broadcast (as SGLang does for a missing group), while server 0 joins it."""
+
+    fail = True
+
+    def request_bucket(self, server: Server, bucket: Bucket, version: int) -> None:
+        if self.fail and server is self.engine.fleet.servers[1]:  # answered with 400
+            server.update_weights_from_distributed(list(bucket.names), list(bucket.dtypes),
+                                                   [list(s) for s in bucket.shapes], "no-such-group", version)
+        else:
+            super().request_bucket(server, bucket, version)
+
+
+class _MismatchedNCCL(DistributedSync):
+    """The sender's broadcast fails to start as NCCL refuses ranks of different versions (the error
+    text torch raises carries NCCL's last warning)."""
+
+    def _broadcast(self, bucket: Bucket, tensors: list[torch.Tensor]) -> Exception:
+        return RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1234, invalid usage, NCCL version 2.27.3\n"
+                            "Last error:\nMismatched NCCL version detected : rank 1 version 22105 rank 0 version 22703")
+
+
 class _SwapsTwoTensors(DistributedSync):
     """Sends two same-shaped tensors under each other's names: a wrong mapping that loads fine."""
 
@@ -134,15 +158,53 @@ def check_failure_mid_bucket_restarts_that_server():
             c.engine.close()
 
 
-def check_wrong_mapping_is_caught_by_the_probe():
-    c = _components("wrong_mapping", "distributed", "parallel.tp=2", "rollout.sync.bucket_mb=1")
+def check_a_server_refusing_before_joining_cannot_hang_the_broadcast():
+    """The whole model is one bucket, larger than a socket's buffers: the sender's broadcast cannot
+    complete without server 1, which refused it. The push must not wait for the group's timeout
+    (control_s 120 s): the refusal ends it, the broadcast is aborted, and the version goes by disk."""
+    c = _components("refusal", "distributed", "parallel.tp=2", "rollout.sync.bucket_mb=64")
     try:
-        try:
-            _with_sync(c, _SwapsTwoTensors).push(version=1)
-        except ProbeMismatchError as exc:
-            assert "after weight sync 1" in str(exc), exc
-        else:
-            raise AssertionError("a swapped q_proj/o_proj passed the probe check")
+        sync = _with_sync(c, _RefusesBeforeJoining)
+        assert len(sync_buckets(sync)) == 1
+        start = time.monotonic()
+        metrics = sync.push(version=2)
+        assert time.monotonic() - start < 60, "the push waited for the weight group's timeout"
+        assert metrics["weight_sync/servers_restarted"] == 1, metrics
+        _servers_hold_trainer_weights(c, 2)
+        sync.fail = False
+        assert sync.push(version=3)["weight_sync/servers_restarted"] == 0  # the groups rebuilt, nothing stuck
+        _servers_hold_trainer_weights(c, 3)
+    finally:
+        if c.engine is not None:
+            c.engine.close()
+
+
+def sync_buckets(sync: DistributedSync) -> list[Bucket]:
+    """The sync's bucket plan (made at its first connection)."""
+    sync._try_connect()
+    return sync.buckets
+
+
+def check_mismatched_nccl_versions_stop_the_run_on_every_rank():
+    """Rebuilding the group cannot mend mismatched NCCL versions: the push raises on every rank,
+    naming the cause, instead of sending this and every later version by disk."""
+    _push_fails("nccl_versions", _MismatchedNCCL, WeightGroupError, "NCCL versions differ", "parallel.tp=2")
+
+
+def check_wrong_mapping_is_caught_by_the_probe():
+    _push_fails("wrong_mapping", _SwapsTwoTensors, ProbeMismatchError, "after weight sync 1", "parallel.tp=2",
+                "rollout.sync.bucket_mb=1")
+
+
+def _push_fails(name: str, cls: type[DistributedSync], error: type[Exception], says: str, *layout: str) -> None:
+    """A push of version 1 by ``cls`` raises ``error`` saying ``says`` on every rank."""
+    c = _components(name, "distributed", *layout)
+    try:
+        _with_sync(c, cls).push(version=1)
+    except error as exc:
+        assert says in str(exc), exc
+    else:
+        raise AssertionError(f"{cls.__name__}: the push did not raise {error.__name__}")
     finally:
         if c.engine is not None:
             c.engine.close()

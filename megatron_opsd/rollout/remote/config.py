@@ -21,6 +21,10 @@ class ServersSection(Section):
     tp: int = Field(default=1, ge=1, description="tensor-parallel size of each server")
     args: list[str] = Field(default_factory=list, description="more flags for every server")
     base_port: int | None = Field(default=None, ge=1, description="server i listens on base_port + i; None: free ports")
+    gpus: list[int] | None = Field(
+        default=None, description="the GPUs (indices among this node's visible devices) servers started here run "
+        "on, tp consecutive ones each; default: the node's GPUs after the trainer's (its ranks on this node use the "
+        "first ones); never the trainer's. Without CUDA: not used")
     command: list[str]  # each engine's section names its server's entry point
 
     def program(self) -> list[str]:

@@ -73,7 +73,11 @@ class RemoteEngine(Generic[E]):
 
     def logprobs(self, sequences: Sequence[Sequence[int]], temperature: float = 1.0) -> list[torch.Tensor]:
         """Teacher-forced log-probs on server 0 (the servers hold the same weights: each sync
-        checks their versions)."""
+        checks their versions), at temperature 1 only: SGLang's and vLLM's prompt log-probs are the
+        raw logits' ``log_softmax`` whatever temperature the request names."""
+        if temperature != 1.0:
+            raise ValueError(f"servers score prompt tokens at temperature 1 only (their prompt log-probs ignore the "
+                             f"request's temperature), not {temperature}")
         server = self.fleet.servers[0]
         return [torch.tensor(self._score(server, ids, temperature, f"{self.run_id}-probe{next(self._calls):06d}-{i}"))
                 for i, ids in enumerate(sequences)]
@@ -136,6 +140,11 @@ class RemoteEngine(Generic[E]):
             raise ServerError(f"server {index} ({self.fleet.members[index].server.url}): {method}: {exc}") from exc
         return failed
 
+    def resume(self, members: Sequence[Member[E]] | None = None) -> None:
+        """Every server (or ``members``) generates again; returns once requests reach every server."""
+        self.each_server("resume", members=members, check=True)
+        self.fleet.routed()
+
     def check_versions(self, version: int) -> None:
         """Every server reports ``version``; it becomes the engine's version."""
         wrong = {s.url: v for s in self.fleet.servers if (v := s.weight_version()) != str(version)}
@@ -153,7 +162,7 @@ class RemoteEngine(Generic[E]):
         failed |= self.each_server("load_weights", str(path), version, members=self._except(failed))
         self.restart(failed, path, version)
         self.each_server("flush_cache", members=self._except(failed), check=True)
-        self.each_server("resume", members=self._except(failed), check=True)
+        self.resume(self._except(failed))
         self.weights_dir = path
         self.check_versions(version)
         return sorted(failed)

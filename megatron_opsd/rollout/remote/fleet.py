@@ -8,6 +8,9 @@
 - A server that died (or whose weights an update left partial) is restarted on its port from a
   weights directory; subclasses that route requests (SGLang's router) take it out first and put it
   back once it serves again (:meth:`ServerFleet.leave`, :meth:`ServerFleet.join`).
+- On a GPU node each server started here gets ``servers.tp`` GPUs of its own
+  (``CUDA_VISIBLE_DEVICES``), never one of the trainer's: a second process on a trainer's GPU, or
+  two servers on one, fail their memory checks (:func:`place_servers`).
 
 Every process of the fleet is a process group of its own, ended with the fleet (``stop``) and
 killed with the trainer if it dies (``processes.die_with_parent``).
@@ -19,11 +22,15 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import torch
+
+from megatron_opsd.config import ConfigError
 from megatron_opsd.platform import free_port
 from megatron_opsd.processes import die_with_parent
 from megatron_opsd.rollout.remote.http import Endpoint
@@ -32,6 +39,7 @@ log = logging.getLogger(__name__)
 
 E = TypeVar("E", bound=Endpoint)
 RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+LAUNCHER_ENV_PREFIX = "TORCHELASTIC_"  # torchrun's own state, which a server must not take for its launcher's
 
 
 class FleetError(RuntimeError):
@@ -62,15 +70,50 @@ class Member(Generic[E]):
         return self.process is None or self.process.poll() is None
 
 
+def place_servers(count: int, tp: int, gpus: Sequence[int] | None, visible: Sequence[str],
+                  trainer_gpus: int) -> list[str]:
+    """Each of ``count`` servers' ``CUDA_VISIBLE_DEVICES``: ``tp`` consecutive GPUs of ``gpus``
+    (indices into ``visible``, this node's devices as this process sees them; default: those after
+    the trainer's), none of the first ``trainer_gpus`` (the trainer's ranks on this node), none twice."""
+    wanted = list(gpus) if gpus is not None else list(range(trainer_gpus, len(visible)))
+    where = f"servers.gpus={list(gpus)}" if gpus is not None else \
+        f"this node's GPUs after the trainer's {trainer_gpus} ({len(wanted)} of {len(visible)})"
+    problems = []
+    if outside := [g for g in wanted if not 0 <= g < len(visible)]:
+        problems.append(f"GPUs {outside} are not among this node's {len(visible)} ({','.join(visible)})")
+    if taken := [g for g in wanted if 0 <= g < trainer_gpus]:
+        problems.append(f"GPUs {taken} are the trainer's (its {trainer_gpus} rank(s) on this node use GPUs "
+                        f"0-{trainer_gpus - 1})")
+    if len(set(wanted)) != len(wanted):
+        problems.append("a GPU is listed twice")
+    if len(wanted) < count * tp:
+        problems.append(f"{count} server(s) of servers.tp={tp} need {count * tp} GPUs")
+    if problems:
+        raise ConfigError(f"rollout servers on {where}: {'; '.join(problems)}; set servers.gpus to GPUs of their own, "
+                          f"fewer servers.count, or fewer trainer ranks per node (the servers can also run "
+                          f"elsewhere: urls)")
+    return [",".join(visible[g] for g in wanted[i * tp:(i + 1) * tp]) for i in range(count)]
+
+
+def visible_gpus() -> list[str]:
+    """This node's CUDA devices as this process sees them (their ``CUDA_VISIBLE_DEVICES`` names)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 class ServerFleet(Generic[E]):
     """The servers of ``cfg`` (a remote engine section: ``servers.count``, ``servers.base_port``,
-    ``urls``, ``host``, ``timeouts``) as ``endpoint`` instances; subclasses give the command line."""
+    ``urls``, ``host``, ``timeouts``) as ``endpoint`` instances; subclasses give the command line.
+    ``trainer_gpus``: how many of this node's GPUs the trainer's ranks hold (the first ones)."""
 
     endpoint: type[E]
 
-    def __init__(self, cfg: Any, log_dir: Path, api_key: str | None):
-        self.cfg, self.log_dir, self.api_key = cfg, log_dir, api_key
+    def __init__(self, cfg: Any, log_dir: Path, api_key: str | None, trainer_gpus: int = 0):
+        self.cfg, self.log_dir, self.api_key, self.trainer_gpus = cfg, log_dir, api_key, trainer_gpus
         self.members: list[Member[E]] = []
+        self.devices: list[str] = []  # each started server's CUDA_VISIBLE_DEVICES (none without CUDA)
 
     def server_command(self, model_path: str, port: int, version: int, load_format: str | None) -> list[str]:
         """The command line of the server on ``port`` serving ``model_path`` as ``version``."""
@@ -96,6 +139,9 @@ class ServerFleet(Generic[E]):
                             for i, url in enumerate(self.cfg.urls)]
         else:
             host, ports = self.cfg.host, self._server_ports()
+            servers = self.cfg.servers
+            if torch.cuda.is_available():
+                self.devices = place_servers(servers.count, servers.tp, servers.gpus, visible_gpus(), self.trainer_gpus)
             self.members = [Member(self.endpoint(f"http://{host}:{port}", self.api_key, timeout), i,
                                    log=self.log_dir / f"server{i}.log") for i, port in enumerate(ports)]
             for member in self.members:
@@ -112,8 +158,10 @@ class ServerFleet(Generic[E]):
         port = int(member.server.url.rsplit(":", 1)[1])
         command = self.server_command(model_path, port, version, load_format)
         shown = " ".join(command).replace(self.api_key, "***") if self.api_key else " ".join(command)
-        log.info("starting server %d: %s (log %s)", member.index, shown, member.log)
-        member.process = spawn(command, member.log, self.server_env())
+        devices = {"CUDA_VISIBLE_DEVICES": self.devices[member.index]} if self.devices else {}
+        log.info("starting server %d: %s (log %s%s)", member.index, shown, member.log,
+                 f", GPUs {devices['CUDA_VISIBLE_DEVICES']}" if devices else "")
+        member.process = spawn(command, member.log, {**self.server_env(), **devices})
 
     def _wait_healthy(self, members: list[Member[E]]) -> None:
         """Every server answers /health before the startup deadline; a dead process fails at once."""
@@ -141,14 +189,21 @@ class ServerFleet(Generic[E]):
         return [m.server for m in self.members]
 
     def dead(self) -> list[Member[E]]:
-        """Servers started here whose process has exited, or that do not answer /health."""
-        return [m for m in self.members if not m.alive() or not m.server.healthy(timeout_s=5.0)]
+        """Servers started here whose process has exited, or that do not answer /health (asked at once)."""
+        if not self.members:
+            return []
+        with ThreadPoolExecutor(len(self.members)) as pool:
+            answers = list(pool.map(lambda m: m.alive() and m.server.healthy(timeout_s=5.0), self.members))
+        return [m for m, ok in zip(self.members, answers, strict=True) if not ok]
 
     def leave(self, member: Member[E]) -> None:
         """Before ``member`` is restarted: stop sending it requests (a router: deregister it)."""
 
     def join(self, member: Member[E]) -> None:
         """After ``member`` serves again: send it requests again."""
+
+    def routed(self) -> None:
+        """Returns once requests reach every server (after they resumed generating)."""
 
     def restart(self, member: Member[E], model_path: str, version: int) -> None:
         """Bring ``member`` back serving ``model_path`` as ``version``: restarted on its port (a server
@@ -172,8 +227,9 @@ class ServerFleet(Generic[E]):
 def spawn(command: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
     """``command`` as a process group of its own, its output appended to ``log_path``, killed if this
     process dies; its environment is this one plus ``env``, without the rendezvous a single-process
-    server would join."""
-    environment = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_ENV} | dict(env or {})
+    server would join and torchrun's own variables."""
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in RENDEZVOUS_ENV and not k.startswith(LAUNCHER_ENV_PREFIX)} | dict(env or {})
     if not Path(command[0]).is_file() and os.sep in command[0]:
         raise FleetError(f"no program {command[0]} (the fleet's servers.command)")
     with open(log_path, "ab") as out:

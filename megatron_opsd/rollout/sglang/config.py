@@ -11,6 +11,11 @@ from megatron_opsd.section import Section
 
 class ServersConfig(ServersSection):
     mem_fraction: float = Field(default=0.8, gt=0, le=1, description="--mem-fraction-static of each server")
+    deterministic_inference: bool = Field(
+        default=False, description="start the servers with --enable-deterministic-inference: SGLang honours each "
+        "request's sampling_seed only then, so that a rollout repeats exactly (a resumed or requeued run samples the "
+        "rollouts of the uninterrupted one); costs SGLang's batch-invariant kernels (slower decoding). Off: every "
+        "attempt samples anew")
     command: list[str] = Field(
         default_factory=lambda: ["python", "-m", "sglang.launch_server"],
         description="how a server is started (flags follow; 'python' is this interpreter); the CPU stand-in: "

@@ -11,7 +11,7 @@ from megatron_opsd.rollout.engine import Rollout, SamplingParams
 from megatron_opsd.rollout.remote.engine import RemoteEngine, RolloutError
 from megatron_opsd.rollout.sglang.client import Server
 from megatron_opsd.rollout.sglang.fleet import Fleet
-from megatron_opsd.rollout.sglang.protocol import GREEDY_BELOW, generate_request, parse_generate, parse_input_logprobs
+from megatron_opsd.rollout.sglang.protocol import generate_request, parse_generate, parse_input_logprobs
 
 
 class SGLangEngine(RemoteEngine[Server]):
@@ -27,9 +27,8 @@ class SGLangEngine(RemoteEngine[Server]):
         return parse_generate(reply, rid, self.vocab_size, f"{endpoint.url} rid {rid}")
 
     def _score(self, server: Server, ids: Sequence[int], temperature: float, rid: str) -> list[float]:
-        """Through ``/generate`` with ``logprob_start_len=0``."""
-        greedy = temperature < GREEDY_BELOW
-        params = SamplingParams(temperature=0.0 if greedy else temperature, top_p=1.0, top_k=-1, max_new_tokens=1)
+        """Through ``/generate`` with ``logprob_start_len=0`` (one greedy token: nothing is sampled)."""
+        params = SamplingParams(temperature=0.0, top_p=1.0, top_k=-1, max_new_tokens=1)
         reply = server.call("POST", "/generate", generate_request(ids, params, rid, seed=0, logprob_start_len=0))
         return parse_input_logprobs(reply, rid, ids, f"{server.url} rid {rid}")
 

@@ -3,37 +3,48 @@ restarted (``remote.fleet``).
 
 - Servers started here run ``servers.command``: ``python -m sglang.launch_server`` on GPUs, ``opsd
   serve`` as the CPU stand-in; both take the same flags (``--model-path --host --port --tp-size
-  --mem-fraction-static --api-key --weight-version --skip-tokenizer-init``).
+  --mem-fraction-static --api-key --weight-version --skip-tokenizer-init``
+  ``[--enable-deterministic-inference]``) and environment (:func:`server_env`).
 - The router (``python -m sglang_router.launch_router``) binds the job's address with every port
   pinned, its metrics port too, and gets the servers through ``POST /workers``; one started
   elsewhere (``router.url``) is adopted the same way. It forwards only generation; control calls go
   to each server directly. A server being restarted is taken out of the router first and put back
-  only once it serves again.
+  only once it serves again; after a weight sync resumes the servers, generation waits until the
+  router routes to every one (:meth:`Fleet.routed`).
+- The router drops a worker after 3 failed ``/health`` probes. SGLang's ``/health`` runs a
+  one-token generation by default and fails (503) once its scheduler has been silent for 20 s,
+  which it is while paused or loading weights: the router would drop every server during a long
+  weight load. Servers therefore start with ``SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0`` (their
+  ``/health`` then answers whether the server is up); servers started elsewhere need it too.
 """
 from __future__ import annotations
 
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from megatron_opsd.platform import free_port
 from megatron_opsd.rollout.remote.fleet import FleetError, Member, ServerFleet, log_tail, spawn, stop_process
 from megatron_opsd.rollout.sglang.client import Server, SGLangError
 from megatron_opsd.rollout.sglang.config import SGLangEngineConfig
+from megatron_opsd.rollout.sglang.protocol import HEALTH_GENERATION_ENV
 
 
 class Fleet(ServerFleet[Server]):
     endpoint = Server
 
-    def __init__(self, cfg: SGLangEngineConfig, log_dir: Path, api_key: str | None):
-        super().__init__(cfg, log_dir, api_key)
+    def __init__(self, cfg: SGLangEngineConfig, log_dir: Path, api_key: str | None, trainer_gpus: int = 0):
+        super().__init__(cfg, log_dir, api_key, trainer_gpus)
         self.router: Server | None = None
         self._router_process: subprocess.Popen | None = None
 
     def server_command(self, model_path: str, port: int, version: int, load_format: str | None) -> list[str]:
         return server_command(self.cfg, model_path, self.cfg.host, port, version, load_format, self.api_key)
+
+    def server_env(self) -> Mapping[str, str]:
+        return server_env()
 
     def start(self, model_path: str, version: int, load_format: str | None = None) -> None:
         """The servers (``ServerFleet.start``), then the router, every server registered with it."""
@@ -73,6 +84,10 @@ class Fleet(ServerFleet[Server]):
     def _workers(self) -> list[dict]:
         return self.router.call("GET", "/workers").get("workers", [])
 
+    def routed(self) -> None:
+        if self.router is not None:
+            self._wait_routed()
+
     def _wait_routed(self) -> None:
         """Every server is registered and healthy at the router."""
         deadline = time.monotonic() + self.cfg.timeouts.startup_s
@@ -108,6 +123,11 @@ class Fleet(ServerFleet[Server]):
             self.router.close()
 
 
+def server_env() -> dict[str, str]:
+    """The environment every SGLang server of a fleet gets (see the module docstring: ``/health``)."""
+    return {HEALTH_GENERATION_ENV: "0"}
+
+
 def server_command(cfg: SGLangEngineConfig, model_path: str, host: str, port: int, version: int,
                    load_format: str | None = None, api_key: str | None = None, extra: Sequence[str] = ()) -> list[str]:
     """The command line of one server of ``cfg`` (``servers.command`` and the flags both it and
@@ -116,6 +136,8 @@ def server_command(cfg: SGLangEngineConfig, model_path: str, host: str, port: in
     command = [*servers.program(), "--model-path", model_path, "--host", host, "--port", str(port),
                "--tp-size", str(servers.tp), "--mem-fraction-static", str(servers.mem_fraction),
                "--weight-version", str(version), "--skip-tokenizer-init", *extra, *servers.args]
+    if servers.deterministic_inference:
+        command.append("--enable-deterministic-inference")
     if load_format:
         command += ["--load-format", load_format]
     if api_key:
@@ -137,4 +159,4 @@ def router_command(cfg: SGLangEngineConfig, host: str, port: int, metrics_port: 
     return command
 
 
-__all__ = ["Fleet", "FleetError", "SGLangError", "router_command", "server_command"]
+__all__ = ["Fleet", "FleetError", "SGLangError", "router_command", "server_command", "server_env"]

@@ -36,6 +36,8 @@ SAMPLING_KEYS = frozenset({
     "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "n", "sampling_seed", "logit_bias",
     "json_schema", "regex", "ebnf", "structural_tag", "custom_params"})
 GREEDY_BELOW = 1e-6  # SGLang treats a lower temperature as greedy (top_k 1, temperature 1)
+# 1 (SGLang's default): /health runs a one-token generation and answers 503 after 20 s without an answer
+HEALTH_GENERATION_ENV = "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"
 
 
 def generate_request(input_ids: Sequence[int], params: SamplingParams, rid: str, seed: int | None,

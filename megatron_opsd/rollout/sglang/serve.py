@@ -24,6 +24,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-version", default="default", help="the version reported until a weight update")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     p.add_argument("--max-running-requests", type=int, default=64, help="requests generated together, at most")
+    p.add_argument("--enable-deterministic-inference", action="store_true",
+                   help="honour each request's sampling_seed (SGLang: only with this flag; 42 when a request names none)")
     p.add_argument("--gather-ms", type=float, default=10.0,
                    help="stand-in only: a batch starts once no request has arrived for this long (or it is full)")
     p.add_argument("--mem-fraction-static", type=float, default=None, help="accepted for compatibility; unused")
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         engine = EmbeddedEngine.from_pretrained(args.model_path, cfg)
     state = StandIn(engine, args.model_path, args.weight_version, args.max_running_requests, args.gather_ms / 1000,
-                    args.load_format)
+                    args.load_format, deterministic=args.enable_deterministic_inference)
     uvicorn.run(build_app(state, args.api_key, args.tp_size), host=args.host, port=args.port,
                 log_level=args.server_log_level.lower(), access_log=False)
     return 0

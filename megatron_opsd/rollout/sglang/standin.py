@@ -19,9 +19,16 @@ weight-update group: ``/init_weights_update_group``, ``/begin_weight_update``,
 whose router probes ``/health`` without the key.
 
 Its flags are ``sglang.launch_server``'s for what it supports, so a fleet starts either with the
-same command line. Requests are batched (same sampling settings, up to ``--max-running-requests``) and
-each is sampled with its own ``sampling_seed``, as the embedded engine samples a seeded sequence,
-so a fleet of stand-ins gives the rollouts of the embedded engine. What it does not model:
+same command line. Requests are batched (same sampling settings, up to ``--max-running-requests``).
+As in SGLang, a request's ``sampling_seed`` is honoured only with ``--enable-deterministic-inference``
+(42 when a request names none); then each is sampled with its own seed, as the embedded engine samples
+a seeded sequence, so a fleet of stand-ins gives the rollouts of the embedded engine. Without the
+flag every request samples from a fresh seed. Input log-probs (``logprob_start_len=0``) are the raw
+logits' ``log_softmax`` whatever the request's temperature, as SGLang's are; sampled tokens'
+log-probs are at the request's temperature. ``/health`` runs SGLang's check: unless
+``SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0``, it answers 200 once the scheduler could serve a
+one-token generation, checked every second, and 503 after ``SGLANG_HEALTH_CHECK_TIMEOUT`` (20 s)
+without (paused, or loading weights); ``/health_generate`` always does so. What it does not model:
 SGLang's radix cache and memory limits, streaming, text prompts (``--skip-tokenizer-init``
 behaviour only), tensor parallelism beyond 1 (``--tp-size`` must be 1), and ``in_place``
 freezing a running batch mid-way.
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -44,6 +52,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from megatron_opsd.rollout.engine import SamplingParams
 from megatron_opsd.rollout.sglang.protocol import (
     GREEDY_BELOW,
+    HEALTH_GENERATION_ENV,
     SAMPLING_KEYS,
     bucket_nbytes,
     finish_reason,
@@ -53,6 +62,7 @@ from megatron_opsd.rollout.sglang.protocol import (
 
 log = logging.getLogger(__name__)
 VERSION = "0.5.23-opsd-standin"
+DEFAULT_SEED = 42  # SGLang's sampling_seed for a request without one under --enable-deterministic-inference
 
 
 class RequestError(ValueError):
@@ -82,8 +92,9 @@ class Pending:
     aborted: bool = False
 
 
-def _sampling(raw: Any) -> tuple[SamplingParams, int]:
-    """SGLang's sampling_params -> (params, seed); 400 for unknown keys or invalid values."""
+def _sampling(raw: Any, deterministic: bool) -> tuple[SamplingParams, int]:
+    """SGLang's sampling_params -> (params, seed); 400 for unknown keys or invalid values. The seed
+    is the request's only when ``deterministic`` (``--enable-deterministic-inference``)."""
     raw = dict(raw or {})
     unknown = sorted(set(raw) - SAMPLING_KEYS)
     if unknown:
@@ -100,17 +111,19 @@ def _sampling(raw: Any) -> tuple[SamplingParams, int]:
                                 stop_token_ids=tuple(int(t) for t in raw.get("stop_token_ids") or ()))
     except ValueError as exc:
         raise RequestError(str(exc)) from None
+    if not deterministic:
+        return params, int(torch.randint(0, 2 ** 62, ()).item())
     seed = raw.get("sampling_seed")
-    return params, int(seed) if seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
+    return params, int(seed) if seed is not None else DEFAULT_SEED
 
 
 class StandIn:
     """The server's state: the engine, the queue, pause, weight version, weight-update groups."""
 
     def __init__(self, engine: Any, model_path: str, weight_version: str, max_batch_size: int, gather_s: float = 0.0,
-                 load_format: str = "auto"):
+                 load_format: str = "auto", deterministic: bool = False):
         self.engine, self.model_path, self.max_batch_size = engine, model_path, max_batch_size
-        self.gather_s = gather_s
+        self.gather_s, self.deterministic = gather_s, deterministic
         self.load_format = load_format  # --load-format: what a disk update without one loads with
         self.weight_version = weight_version
         self.lock = threading.Condition()  # guards the queue, the running batch and pause
@@ -121,6 +134,7 @@ class StandIn:
         self.model_lock = threading.Lock()  # generation or a weight update, not both
         self.groups: dict[str, Any] = {}
         self.session = False  # between /begin_weight_update and /end_weight_update
+        self.loading = False  # a weight update holds the scheduler
         threading.Thread(target=self._schedule, name="scheduler", daemon=True).start()
 
     # -- generation ------------------------------------------------------------------------------
@@ -163,7 +177,7 @@ class StandIn:
                 with self.model_lock:
                     rollouts = self.engine.generate_sequences([p.input_ids for p in batch], batch[0].params,
                                                               [p.seed for p in batch], self.interrupt)
-                    inputs = self.engine.logprobs([p.input_ids for p in batch], batch[0].params.temperature or 1.0) \
+                    inputs = self.engine.logprobs([p.input_ids for p in batch], 1.0) \
                         if batch[0].input_logprobs else [None] * len(batch)
                     version = self.weight_version
             except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
@@ -225,6 +239,10 @@ class StandIn:
         with self.lock:
             return bool(self.running) or (bool(self.queue) and self.paused != "retract")
 
+    def could_generate(self) -> bool:
+        """Whether a one-token generation would be served now (what SGLang's health check asks)."""
+        return not self.paused and not self.loading
+
     # -- weights ---------------------------------------------------------------------------------
 
     def load(self, tensors: Iterator[tuple[str, torch.Tensor]], version: str | None, *, partial: bool = False) -> None:
@@ -232,7 +250,11 @@ class StandIn:
         updated, as SGLang does, and the engine refuses to generate until a complete load succeeds.
         ``partial``: a bucket of ``/update_weights_from_distributed``."""
         with self.model_lock:
-            self.engine.update_weights(tensors, self.engine.weight_version, partial=partial)
+            self.loading = True
+            try:
+                self.engine.update_weights(tensors, self.engine.weight_version, partial=partial)
+            finally:
+                self.loading = False
             if version is not None:
                 self.weight_version = version
 
@@ -283,6 +305,8 @@ def _safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def build_app(state: StandIn, api_key: str | None, tp_size: int = 1) -> FastAPI:
     """The FastAPI application of the stand-in."""
     app = FastAPI()
+    generation_health = os.environ.get(HEALTH_GENERATION_ENV, "1").lower() in ("1", "true")
+    health_timeout_s = float(os.environ.get("SGLANG_HEALTH_CHECK_TIMEOUT", "20"))
 
     @app.middleware("http")
     async def require_key(request: Request, call_next):
@@ -297,9 +321,19 @@ def build_app(state: StandIn, api_key: str | None, tp_size: int = 1) -> FastAPI:
     def failed(message: str) -> JSONResponse:
         return JSONResponse({"success": False, "message": message}, status_code=400)
 
+    async def generation_check() -> Response:
+        start = time.monotonic()
+        while time.monotonic() < start + health_timeout_s:
+            await asyncio.sleep(1)
+            if state.could_generate():
+                return Response(status_code=200)
+        return Response(status_code=503)
+
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        return await generation_check() if generation_health else Response(status_code=200)
+
+    app.get("/health_generate")(generation_check)
 
     def model_info() -> dict[str, Any]:
         cfg = state.engine.model.config
@@ -331,7 +365,7 @@ def build_app(state: StandIn, api_key: str | None, tp_size: int = 1) -> FastAPI:
     async def generate(request: Request) -> Any:
         body = await request.json()
         try:
-            items, batch = _pending(body, state.engine.vocab_size)
+            items, batch = _pending(body, state.engine.vocab_size, state.deterministic)
         except UnknownKeyError as exc:  # 0.5.23's contract gate answers with a plain string
             return JSONResponse({"error": str(exc)}, status_code=400)
         except RequestError as exc:
@@ -466,7 +500,7 @@ def _version(body: dict[str, Any]) -> str | None:
     return None if version is None else str(version)
 
 
-def _pending(body: dict[str, Any], vocab_size: int) -> tuple[list[Pending], bool]:
+def _pending(body: dict[str, Any], vocab_size: int, deterministic: bool) -> tuple[list[Pending], bool]:
     """The samples of a /generate body, and whether it was a batch."""
     ids = body.get("input_ids")
     if not isinstance(ids, list) or not ids:
@@ -482,7 +516,7 @@ def _pending(body: dict[str, Any], vocab_size: int) -> tuple[list[Pending], bool
         rids = [f"{base}_{i}" if batch else base for i in range(len(prompts))]
     if len(set(rids)) != len(rids):
         raise RequestError("Duplicate request ids in a batch")
-    params, seed = _sampling(body.get("sampling_params"))
+    params, seed = _sampling(body.get("sampling_params"), deterministic)
     wants_inputs = body.get("logprob_start_len", -1) == 0 and bool(body.get("return_logprob"))
     items = []
     for rid, prompt in zip(rids, prompts):

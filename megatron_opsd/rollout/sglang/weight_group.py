@@ -19,7 +19,10 @@ from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_proces
 
 def init_weight_group(backend: str, address: str, port: int, world_size: int, rank: int, group_name: str,
                       timeout_s: float = 600.0) -> dist.ProcessGroup:
-    """Join (rank 0: host) the group; blocks until all ``world_size`` members have joined."""
+    """Join (rank 0: host) the group. gloo connects every pair now, so this blocks until all
+    ``world_size`` members have joined; NCCL creates its communicator at the group's first
+    collective, so this returns at once and the members meet there (no ``device_id`` is bound,
+    which would make torch create it now)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     store = TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
     group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),

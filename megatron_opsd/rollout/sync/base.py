@@ -89,24 +89,26 @@ class ProbeCheck:
         self.chunks = [unwrap_model(c) for c in chunks]
         self.ids = list(ids)[:len(ids) - len(ids) % tp]
         self.temperature, self.tolerance, self.vocab_size = temperature, tolerance, vocab_size
+        device = next(self.chunks[0].parameters()).device
+        tokens = torch.tensor([self.ids], device=device)
+        self.inputs = {"input_ids": tokens, "position_ids": torch.arange(len(self.ids), device=device)[None],
+                       "attention_mask": attention_mask(torch.zeros_like(tokens))}  # built once, on the device
 
     @torch.no_grad()
     def __call__(self, engine: RolloutEngine | None, version: int) -> float:
         """Max |engine - trainer| log-prob over the probe; raises ProbeMismatchError above the tolerance."""
         ids, temperature = self.ids, self.temperature
         from_engine = broadcast_from_rank0(lambda: engine.logprobs([ids], temperature)[0])
-        tokens = torch.tensor([ids])
-        device = next(self.chunks[0].parameters()).device
-        mb = {"input_ids": tokens, "position_ids": torch.arange(len(ids))[None],
-              "attention_mask": attention_mask(torch.zeros_like(tokens))}
-        out = forward_only(self.chunks, [{k: v.to(device) for k, v in mb.items()}], output="hidden")
+        tokens = self.inputs["input_ids"]
+        device = tokens.device
+        out = forward_only(self.chunks, [self.inputs], output="hidden")
         worst = torch.zeros((), dtype=torch.float64, device=device)
         if out is not None:
             last = self.chunks[-1]
             hidden = out[0][0]
             if last.config.sequence_parallel:  # this rank's part of the sequence
                 hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-            trainer = token_logprobs(hidden[:-1], last.output_weight(), tokens[0, 1:].to(device),
+            trainer = token_logprobs(hidden[:-1], last.output_weight(), tokens[0, 1:],
                                      vocab_size=self.vocab_size, temperature=temperature, chunk_size=16).cpu()
             worst.fill_(float((trainer - from_engine).abs().max()))
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)

@@ -14,7 +14,7 @@ from megatron_opsd.rollout.sglang.config import SGLangEngineConfig
 from megatron_opsd.rollout.sglang.engine import SGLangEngine
 from megatron_opsd.rollout.sync.base import ProbeCheck, SyncConfig, WeightSync
 from megatron_opsd.rollout.sync.disk import DiskSync
-from megatron_opsd.rollout.sync.distributed import DistributedSync
+from megatron_opsd.rollout.sync.distributed import DistributedSync, nccl_environment
 from megatron_opsd.rollout.sync.inprocess import InProcessSync
 from megatron_opsd.rollout.sync.vllm_transfer import VLLMTransferSync
 from megatron_opsd.rollout.vllm.config import VLLMEngineConfig
@@ -50,3 +50,12 @@ def build_weight_sync(cfg: SyncConfig, engine: RolloutEngine | None, chunks: Seq
         raise TypeError(f"rollout.sync.kind=distributed feeds SGLang servers, not rollout.engine.kind={engine_cfg.kind}")
     return DistributedSync(engine, chunks, probe, cfg, root, write_files, engine_cfg.host,
                            engine_cfg.timeouts.control_s)
+
+
+def process_environment(cfg: SyncConfig, engine_cfg: EngineSection, cuda: bool) -> dict[str, str]:
+    """Environment variables the trainer's process must have before its first NCCL communicator for
+    this weight sync (set them only where unset: a value the user chose reaches the servers too)."""
+    nccl = cuda and cfg.backend in ("auto", "nccl")
+    if cfg.kind == "distributed" and isinstance(engine_cfg, SGLangEngineConfig) and nccl:
+        return nccl_environment()
+    return {}

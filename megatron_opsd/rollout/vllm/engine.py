@@ -22,7 +22,6 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from pathlib import Path
 
 import httpx
-import torch
 
 from megatron_opsd.rollout.engine import Rollout, SamplingParams
 from megatron_opsd.rollout.remote.engine import RemoteEngine
@@ -42,31 +41,10 @@ class VLLMFleet(ServerFleet[VLLMServer]):
     cfg: VLLMEngineConfig
 
     def server_command(self, model_path: str, port: int, version: int, load_format: str | None) -> list[str]:
-        """``servers.command`` with the flags the engine relies on: the served model name, processed
-        log-probs (after temperature) and the worker extension that reloads weights; the dtype of
-        the model directory's config (vLLM's ``auto`` may pick another)."""
-        servers = self.cfg.servers
-        command = [*servers.program(), "--model", model_path, "--host", self.cfg.host, "--port", str(port),
-                   "--served-model-name", MODEL_NAME, "--tensor-parallel-size", str(servers.tp),
-                   "--dtype", model_dtype(Path(model_path)), "--logprobs-mode", "processed_logprobs",
-                   "--worker-extension-cls", WORKER_EXTENSION, *servers.args]
-        if load_format:
-            command += ["--load-format", load_format]
-        if servers.weight_transfer:
-            backend = {"nccl": "nccl", "gloo": GLOO_BACKEND}[servers.weight_transfer]
-            command += ["--weight-transfer-config", json.dumps({"backend": backend})]
-        if self.api_key:
-            command.append(f"--api-key={self.api_key}")  # one word: a key may begin with "-"
-        return command
+        return server_command(self.cfg, model_path, self.cfg.host, port, load_format, self.api_key)
 
     def server_env(self) -> Mapping[str, str]:
-        """The RL control endpoints on, the worker extension importable, vLLM's internal messaging on
-        the job's address, no usage reporting, then ``servers.env``."""
-        path = os.pathsep.join(p for p in (str(WORKER_DIR), os.environ.get("PYTHONPATH", "")) if p)
-        env = {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": path, "VLLM_NO_USAGE_STATS": "1"}
-        if self.cfg.host not in ("0.0.0.0", "::"):
-            env["VLLM_HOST_IP"] = self.cfg.host
-        return env | self.cfg.servers.env
+        return server_env(self.cfg, self.cfg.host)
 
     def serving(self, member: Member[VLLMServer], version: int) -> None:
         """Check that the server serves the model under the fleet's name (a server started elsewhere
@@ -78,6 +56,38 @@ class VLLMFleet(ServerFleet[VLLMServer]):
                              f"--worker-extension-cls {WORKER_EXTENSION} (PYTHONPATH={WORKER_DIR}) and "
                              f"VLLM_SERVER_DEV_MODE=1")
         member.server.set_version(version)
+
+
+def server_command(cfg: VLLMEngineConfig, model_path: str, host: str, port: int, load_format: str | None = None,
+                   api_key: str | None = None) -> list[str]:
+    """The command line of one server of ``cfg``: ``servers.command`` with the flags the engine
+    relies on (the served model name, processed log-probs (after temperature) and the worker
+    extension that reloads weights) and the dtype of the model directory's config (vLLM's ``auto``
+    may pick another)."""
+    servers = cfg.servers
+    command = [*servers.program(), "--model", model_path, "--host", host, "--port", str(port),
+               "--served-model-name", MODEL_NAME, "--tensor-parallel-size", str(servers.tp),
+               "--dtype", model_dtype(Path(model_path)), "--logprobs-mode", "processed_logprobs",
+               "--worker-extension-cls", WORKER_EXTENSION, *servers.args]
+    if load_format:
+        command += ["--load-format", load_format]
+    if servers.weight_transfer:
+        backend = {"nccl": "nccl", "gloo": GLOO_BACKEND}[servers.weight_transfer]
+        command += ["--weight-transfer-config", json.dumps({"backend": backend})]
+    if api_key:
+        command.append(f"--api-key={api_key}")  # one word: a key may begin with "-"
+    return command
+
+
+def server_env(cfg: VLLMEngineConfig, host: str) -> dict[str, str]:
+    """What a server of ``cfg`` needs in its environment: the RL control endpoints on, the worker
+    extension importable, vLLM's internal messaging on the job's address ``host``, no usage
+    reporting, then ``servers.env``."""
+    path = os.pathsep.join(p for p in (str(WORKER_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    env = {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": path, "VLLM_NO_USAGE_STATS": "1"}
+    if host not in ("0.0.0.0", "::"):
+        env["VLLM_HOST_IP"] = host
+    return env | cfg.servers.env
 
 
 def model_dtype(model_dir: Path) -> str:
@@ -135,13 +145,6 @@ class VLLMEngine(RemoteEngine[VLLMServer]):
             return None
         return parse_completion(reply, rid, params, self.vocab_size, self.weight_version,
                                 f"{member.server.url} request {rid}")
-
-    def logprobs(self, sequences: Sequence[Sequence[int]], temperature: float = 1.0) -> list[torch.Tensor]:
-        """vLLM scores prompts at temperature 1 only (its prompt log-probs ignore temperature)."""
-        if temperature != 1.0:
-            raise ValueError(f"vLLM scores prompt tokens at temperature 1 only (its prompt log-probs ignore "
-                             f"temperature), not {temperature}")
-        return super().logprobs(sequences, temperature)
 
     def _score(self, server: VLLMServer, ids: Sequence[int], temperature: float, rid: str) -> list[float]:
         """Through ``/v1/completions`` with ``prompt_logprobs``."""

@@ -34,7 +34,7 @@ from megatron_opsd.models import build_model, checkpoint
 from megatron_opsd.models.architectures import parse_hf_config
 from megatron_opsd.models.bridge import hf_shapes, load_hf_weights, write_hf_model
 from megatron_opsd.models.hf_io import copy_non_weight_files, write_hf_shards
-from megatron_opsd.parallel import Layout, initialize
+from megatron_opsd.parallel import Layout, ParallelGroups, initialize
 
 
 def make_source(out: Path, layers: int) -> tuple[LlamaConfig, int]:
@@ -86,18 +86,18 @@ def raw_io(src: Path, dst: Path) -> None:
         save_file(load_file(f), dst / f.name)
 
 
-def hf_to_megatron(config, src: Path, dst: Path, clock: Clock) -> None:
+def hf_to_megatron(config, src: Path, dst: Path, clock: Clock, groups: ParallelGroups) -> None:
     with clock("  hf->mg build model"):
-        chunks = build_model(config, torch.bfloat16, perform_initialization=False)
+        chunks = build_model(config, torch.bfloat16, perform_initialization=False, groups=groups)
     with clock("  hf->mg load HF shards"):
         load_hf_weights(chunks, src)
     with clock("  hf->mg save dist checkpoint"):
         checkpoint.save(chunks, dst, hf_files_from=src)
 
 
-def megatron_to_hf(config, src: Path, dst: Path, clock: Clock) -> None:
+def megatron_to_hf(config, src: Path, dst: Path, clock: Clock, groups: ParallelGroups) -> None:
     with clock("  mg->hf build model"):
-        chunks = build_model(config, torch.bfloat16, perform_initialization=False)
+        chunks = build_model(config, torch.bfloat16, perform_initialization=False, groups=groups)
     with clock("  mg->hf load dist checkpoint"):
         checkpoint.load(chunks, src)
     with clock("  mg->hf export + write HF shards"):
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
-    initialize(Layout())
+    groups = initialize(Layout())
     work = Path(tempfile.mkdtemp(dir=args.workdir))
     clock = Clock()
     try:
@@ -122,9 +122,9 @@ def main() -> None:
             with clock("raw safetensors read+write"):
                 raw_io(work / "hf", work / "raw")
             with clock("hf -> megatron"):
-                hf_to_megatron(config, work / "hf", work / "mg", clock)
+                hf_to_megatron(config, work / "hf", work / "mg", clock, groups)
             with clock("megatron -> hf"):
-                megatron_to_hf(config, work / "mg", work / "hf2", clock)
+                megatron_to_hf(config, work / "mg", work / "hf2", clock, groups)
     finally:
         shutil.rmtree(work)
     gb = nbytes / 1e9

@@ -54,7 +54,8 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megatron_opsd.opsd.loss import LossConfig, fused_token_divergence
+from megatron_opsd.algorithms.opsd.divergence import LossConfig
+from megatron_opsd.algorithms.opsd.loss import fused_token_divergence
 
 GiB = 2**30
 

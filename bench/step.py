@@ -24,12 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import AutoTokenizer, Qwen3Config
 
 from megatron_opsd.algorithms.opsd import OPSD, OPSDConfig
+from megatron_opsd.algorithms.opsd.divergence import LossConfig
+from megatron_opsd.algorithms.opsd.loss import fused_token_divergence
 from megatron_opsd.data.batching import rank_micro_batches
 from megatron_opsd.data.packing import PackingConfig
 from megatron_opsd.data.prompts import PromptBuilder, PromptConfig
 from megatron_opsd.data.sample import Sample
 from megatron_opsd.models import build_model
-from megatron_opsd.opsd.loss import LossConfig, fused_token_divergence
 from megatron_opsd.parallel import Layout, initialize
 from megatron_opsd.train.optim import OptimConfig, build_optimizer, wrap_for_training
 from megatron_opsd.train.step import StepRunner
@@ -87,15 +88,16 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(2)
 
-    initialize(Layout(), seed=0)
-    chunks = build_model(tiny_config(a.hidden, a.layers, a.vocab))
-    ddp = wrap_for_training(chunks, chunks[0].config, use_distributed_optimizer=False)
+    groups = initialize(Layout(), seed=0)
+    chunks = build_model(tiny_config(a.hidden, a.layers, a.vocab), groups=groups)
+    ddp = wrap_for_training(chunks, use_distributed_optimizer=False)
     optimizer, scheduler = build_optimizer(OptimConfig(lr=1e-4), ddp, total_steps=a.steps + 1)
     prompts = PromptBuilder(AutoTokenizer.from_pretrained(REPO / "data" / "tokenizer"), PromptConfig())  # unused: samples are given
     algorithm = OPSD(OPSDConfig(loss=LossConfig(vocab_size=a.vocab)), ddp, prompts, logprob_temperature=1.0)
     step = StepRunner(ddp, optimizer, scheduler, algorithm)
     batches = rank_micro_batches(samples(a.samples, a.vocab), PackingConfig(
-        tokens_per_micro_batch=a.tokens_per_micro_batch, teacher_tokens_per_micro_batch=2 * a.tokens_per_micro_batch))
+        tokens_per_micro_batch=a.tokens_per_micro_batch, teacher_tokens_per_micro_batch=2 * a.tokens_per_micro_batch),
+        groups)
     response_tokens = sum(mb.num_response_tokens for mb in batches)
     student_tokens = sum(mb.student.length for mb in batches)
     teacher_tokens = sum(mb.teacher.length for mb in batches)

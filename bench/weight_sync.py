@@ -178,8 +178,8 @@ def main() -> None:
                             num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,
                             head_dim=args.hidden // 16, tie_word_embeddings=False, max_position_embeddings=512,
                             architectures=["Qwen3ForCausalLM"], dtype=torch.float32)
-    initialize(Layout())
-    chunks = build_model(hf_config, torch.float32)
+    groups = initialize(Layout())
+    chunks = build_model(hf_config, torch.float32, groups=groups)
     tensors = dict(model_hf_tensors(chunks))
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

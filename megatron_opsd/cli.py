@@ -1,9 +1,9 @@
 """The ``opsd`` command line.
 
 Each command group lives next to the code it drives, in a module listed in ``COMMAND_MODULES``
-that defines ``register(subparsers)``: it adds its parser(s) and sets the defaults ``func`` (takes
-the parsed arguments, returns an exit code) and ``user_errors`` (exception types that are the
-user's to fix: printed as one clear message with exit code 2, never as a traceback). A command
+that defines ``register(subparsers)``: it adds its parser(s) and sets the default ``func`` (takes
+the parsed arguments, returns an exit code). A ``UserError`` (``errors.py``) is the user's to fix:
+printed as one clear message with exit code 2, never as a traceback. A command
 with an ``overrides`` positional (``nargs="*"``) receives every dotted ``key=value`` word of the
 command line, before or after its options.
 """
@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+from megatron_opsd.errors import UserError
 from megatron_opsd.processes import RunStopped, end_children_with_this_process
 
 COMMAND_MODULES: tuple[str, ...] = (
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"opsd: {stop}", file=sys.stderr)
         return stop.exit_code
-    except args.user_errors as exc:
+    except UserError as exc:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank meets the same error: say it once
             print(f"opsd: error: {exc}", file=sys.stderr)
         return 2

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import yaml
 
+from megatron_opsd.errors import UserError
 from megatron_opsd.fileio import atomic_write_text
 from megatron_opsd.tracking import CONFIG_FILE, METRICS_FILE, read_metrics
 
 TOKENS = "rollout/generated_tokens"
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     """A run directory that cannot be compared: names the directory and what it lacks."""
 
 
@@ -170,7 +171,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", help="the metrics.jsonl key to compare (default: the first run's eval/avg@k)")
     p.add_argument("--labels", help="comma-separated names of the runs, in order (default: their directory names)")
     p.add_argument("--title", help="title of the table and the figure")
-    p.set_defaults(func=run, user_errors=(CompareError,))
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,11 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from megatron_opsd.config import ConfigError, load_config
-from megatron_opsd.data.packing import PackingError
-from megatron_opsd.data.prompts import PromptError
-from megatron_opsd.data.sources import DataError
-from megatron_opsd.fileio import CheckpointError
-from megatron_opsd.rollout.engine import ProbeMismatchError
 
 DEMO_FILE = "demo.json"  # the settings of the demo a run directory holds
 
@@ -40,8 +35,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("config", type=Path, help="OPSD training config with eval.data (see opsd train --help)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the config, e.g. steps=30")
     register_warmup_options(p)
-    p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, PackingError, ProbeMismatchError,
-                                         CheckpointError))
+    p.set_defaults(func=run)
 
 
 def phase(base: Any, root: Path, name: str, **update: Any) -> Any:

@@ -22,10 +22,12 @@ from typing import Any
 import torch.distributed as dist
 import xxhash
 
+from megatron_opsd.errors import UserError
+
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint on disk that cannot be used: incomplete, damaged, or not what its config says."""
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import yaml
 
 from megatron_opsd.config import ConfigError, load_config
-from megatron_opsd.data.packing import PackingConfig, PackingError, assign_micro_batches
-from megatron_opsd.data.prompts import PromptBuilder, PromptConfig, PromptError, load_tokenizer
-from megatron_opsd.data.sources import DataConfig, DataError, ProblemIterator, load_problems
+from megatron_opsd.data.packing import PackingConfig, assign_micro_batches
+from megatron_opsd.data.prompts import PromptBuilder, PromptConfig, load_tokenizer
+from megatron_opsd.data.sources import DataConfig, ProblemIterator, load_problems
 from megatron_opsd.eval.evaluate import unparseable_references
 from megatron_opsd.section import Section
 
@@ -40,7 +40,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.split=test")
     p.add_argument("--rows", type=int, default=3, help="problems to render (default 3)")
     p.add_argument("--step-samples", type=int, default=256, help="pairs packed together, as in one training step")
-    p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, PackingError))
+    p.set_defaults(func=run)
 
 
 def _summary(values: list[int]) -> str:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny_models import save_tiny_model
+from tests.support.tiny_models import save_tiny_model
 
 
 def pytest_collection_modifyitems(config, items):

@@ -139,7 +139,7 @@ def test_a_protocol_config_on_a_local_copy_of_a_set_without_solutions(model_dir,
 def test_eval_through_a_server_fleet_reports_what_the_embedded_engine_does(model_dir, tmp_path):
     """The stand-in samples as the embedded engine does (the same seeds): the same report, from the HF
     directory and from a Megatron checkpoint exported for the servers; no server outlives the run."""
-    from tests.processes import processes_matching
+    from tests.support.processes import processes_matching
 
     common = ["--data", TEST_DATA, "--k", "2", "eval.max_new_tokens=8", "limit=3", "eval.temperature=0.7"]
     fleet = ["engine.kind=sglang", "engine.servers.count=1", "engine.servers.command=[python,-m,megatron_opsd.cli,serve]",

@@ -9,7 +9,7 @@ import yaml
 
 from megatron_opsd.cli import main
 from megatron_opsd.compare import CompareError, compare_runs, table
-from tests.train_configs import REPO, write_config
+from tests.support.train_configs import REPO, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

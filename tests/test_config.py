@@ -5,10 +5,12 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import pytest
-from pydantic import Discriminator, Field, Tag
+from pydantic import Discriminator, Field, Tag, ValidationError
 
+from megatron_opsd.algorithms.opsd.teacher import TeacherConfig
 from megatron_opsd.config import ConfigError, config_keys, config_reference, load_config
 from megatron_opsd.section import Section
+from megatron_opsd.train.optim import OptimConfig
 
 
 class Inner(Section):
@@ -103,3 +105,11 @@ def test_training_on_reference_solutions_needs_the_solution_field():
         with pytest.raises(ConfigError, match=f"algorithm.name={name} trains on reference solutions"):
             load_config(TrainConfig, tiny, [f"algorithm.name={name}", "data.fields.solution=null"])
     assert load_config(TrainConfig, tiny, ["algorithm.name=grpo", "data.fields.solution=null"]).data.fields.solution is None
+
+
+def test_sections_reject_unknown_keys_and_bad_values():
+    with pytest.raises(ValidationError, match="extra"):
+        OptimConfig(learning_rate=1.0)
+    with pytest.raises(ValidationError):
+        TeacherConfig(mode="ema", ema_decay=1.0)
+    assert OptimConfig().clip_grad == 0.1 and TeacherConfig().mode == "fixed"

@@ -12,7 +12,7 @@ from megatron_opsd.fileio import CheckpointError, atomic_output_dir
 from megatron_opsd.models.architectures import UnsupportedConfigError, parse_hf_config
 from megatron_opsd.models.bridge import hf_shapes
 from megatron_opsd.models.hf_io import INDEX, HFReader
-from tests.tiny_models import CONFIGS, save_tiny_model
+from tests.support.tiny_models import CONFIGS, save_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from megatron_opsd.platform import free_port
-from tests.distributed import REPO
-from tests.tiny_models import save_tiny_model
+from tests.support.distributed import REPO
+from tests.support.tiny_models import save_tiny_model
 
 
 def run(args, nproc=1, expect=0):

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 
 from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig, WeightSyncError, sample, truncate
 from megatron_opsd.rollout.engine import RolloutEngine, SamplingParams
-from tests.distributed import assert_check, launch
+from tests.support.distributed import assert_check, launch
 
 # The shipped tokenizer's vocabulary (752) with a Qwen3 architecture small enough for 2 CPU cores.
 CONFIG = Qwen3Config(vocab_size=752, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -16,30 +16,31 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from megatron_opsd.algorithms.opsd.divergence import LossConfig, dense_token_divergence
+from megatron_opsd.algorithms.opsd.loss import fused_token_divergence
+from megatron_opsd.algorithms.opsd.teacher import SWAP_BLOCK, Teacher, TeacherConfig
 from megatron_opsd.models import build_model, load_hf_config, parse_hf_config
 from megatron_opsd.models.bridge import load_hf_weights
 from megatron_opsd.models.gpt import attention_mask
 from megatron_opsd.models.lora import HF_MODULES, LoraConfig, add_adapters
 from megatron_opsd.models.peft_format import load_peft_adapters
-from megatron_opsd.opsd.loss import LossConfig, dense_token_divergence, fused_token_divergence
-from megatron_opsd.opsd.teacher import SWAP_BLOCK, Teacher, TeacherConfig
 from megatron_opsd.parallel import Layout, initialize
 from megatron_opsd.tracking import read_metrics
 from megatron_opsd.train.components import build_components
 from megatron_opsd.train.loop import train
-from tests.te_contract import fused_norm_spec
-from tests.tiny_models import save_tiny_model
-from tests.train_configs import REPO, load_train, write_config
+from tests.support.te_contract import fused_norm_spec
+from tests.support.tiny_models import save_tiny_model
+from tests.support.train_configs import REPO, load_train, write_config
 from tests.workers.loss_tp import Case, dense_reference, fused, relative_error
 
 pytestmark = pytest.mark.gpu
 QWEN3_0P6B = REPO / "examples/models/qwen3_0p6b"
 
 
-@pytest.fixture(autouse=True)
-def one_process_world():
-    """A world of one with Megatron's groups, for every test (a training run tears them down)."""
-    initialize(Layout())
+@pytest.fixture
+def groups():
+    """A world of one with Megatron's groups, made anew for each test (a training run tears them down)."""
+    return initialize(Layout())
 
 
 def _seconds(fn, repeats: int = 3) -> float:
@@ -118,7 +119,7 @@ def test_opsd_run_on_cuda_with_the_embedded_engine_on_the_gpu(tmp_path, record_p
     record_property("peak_gib", f"{last['peak_memory_bytes'] / 2**30:.2f}")
 
 
-def test_lora_on_cuda_matches_peft(tmp_path, record_property):
+def test_lora_on_cuda_matches_peft(groups, tmp_path, record_property):
     """Adapters on every projection against PEFT's on the same weights, logits and one adapter's
     gradient, with Megatron's local spec and with the norm inside q/k/v and gate/up (TE's spec)."""
     hf = save_tiny_model("qwen3_untied", tmp_path / "hf")
@@ -139,7 +140,7 @@ def test_lora_on_cuda_matches_peft(tmp_path, record_property):
     ref_grad = reference.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.grad
     arch = parse_hf_config(load_hf_config(hf), tp=1)
     for name, spec in (("local", None), ("fused_norm", fused_norm_spec(arch))):
-        chunks = build_model(hf, spec=spec)
+        chunks = build_model(hf, spec=spec, groups=groups)
         load_hf_weights(chunks, hf)
         add_adapters(chunks, cfg, seed=1)
         load_peft_adapters(chunks, tmp_path / "adapters", cfg)
@@ -155,14 +156,14 @@ def test_lora_on_cuda_matches_peft(tmp_path, record_property):
         assert diff < 1e-4 and grad_err < 1e-4, (name, diff, grad_err)
 
 
-def test_masked_grouped_query_attention_stays_in_a_fused_kernel(record_property):
+def test_masked_grouped_query_attention_stays_in_a_fused_kernel(groups, record_property):
     """The local spec's attention on a packed row (bool mask, 2 query heads per key/value head, bf16)
     runs forward and backward with SDPA's math backend disallowed: it never forms [b, h, s, s]."""
-    chunks = build_model(AutoConfig.for_model("qwen3", **_width(num_hidden_layers=1, vocab_size=1000)), torch.bfloat16)
+    chunks = build_model(_one_layer(), torch.bfloat16, groups=groups)
     attention = chunks[0].decoder.layers[0].self_attention.core_attention
-    s, heads, groups, dim = 4096, 16, 8, 128
+    s, heads, kv_heads, dim = 4096, 16, 8, 128
     q = torch.randn(s, 1, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(s, 1, groups, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    k, v = (torch.randn(s, 1, kv_heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     masked = attention_mask(_segments(s, 4)[None])
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
         attention(q, k, v, masked).float().sum().backward()
@@ -177,10 +178,10 @@ def test_masked_grouped_query_attention_stays_in_a_fused_kernel(record_property)
     record_property("efficient_kernel_with_gqa_and_mask", grouped)
 
 
-def test_packed_attention_memory_at_16k_tokens(record_property):
+def test_packed_attention_memory_at_16k_tokens(groups, record_property):
     """One Qwen3-0.6B-wide layer, forward and backward over a packed row of 4k and of 16k tokens
     (8 segments, bf16): the peak stays far below the math backend's fp32 [b, h, s, s] scores."""
-    chunks = build_model(AutoConfig.for_model("qwen3", **_width(num_hidden_layers=1, vocab_size=1000)), torch.bfloat16)
+    chunks = build_model(_one_layer(), torch.bfloat16, groups=groups)
     model = chunks[0]
     peaks = {}
     for s in (4096, 16384):
@@ -201,13 +202,13 @@ def test_packed_attention_memory_at_16k_tokens(record_property):
     assert peaks[16384] < scores / 4, peaks
 
 
-def test_student_step_model_flops_against_the_measured_matmul_peak(record_property):
+def test_student_step_model_flops_against_the_measured_matmul_peak(groups, record_property):
     """Qwen3-0.6B (random weights, bf16, TP 1): forward and backward of one 8,192-token packed
     micro-batch (4 sequences) with the fused OPSD loss, its model FLOP/s over a bf16 matmul's."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     peak = 2 * 8192 ** 3 / _seconds(lambda: a @ a, repeats=10)
     config = load_hf_config(QWEN3_0P6B)
-    model = build_model(config, torch.bfloat16)[0]
+    model = build_model(config, torch.bfloat16, groups=groups)[0]
     tokens, segments = 8192, 4
     ids = torch.randint(0, config.vocab_size, (1, tokens), device="cuda")
     seg = _segments(tokens, segments)
@@ -259,7 +260,7 @@ def test_an_offloaded_teacher_on_cuda_computes_the_resident_ones_numbers():
     assert all(torch.equal(a, b.cuda()) for a, b in zip(resident, offloaded))
 
 
-def test_a_weight_broadcast_from_cuda_tensors_over_gloo_reaches_a_stand_in(tmp_path, record_property):
+def test_a_weight_broadcast_from_cuda_tensors_over_gloo_reaches_a_stand_in(groups, tmp_path, record_property):
     """The distributed sync with one GPU: a gloo weight group (NCCL needs a GPU per rank), the
     trainer's CUDA tensors in buckets, into a CPU stand-in server; the probe check passes."""
     from megatron_opsd.rollout.sglang.config import SGLangEngineConfig
@@ -276,7 +277,7 @@ def test_a_weight_broadcast_from_cuda_tensors_over_gloo_reaches_a_stand_in(tmp_p
     fleet.start(str(hf), version=0)
     engine = SGLangEngine(fleet, cfg, vocab_size=1000, run_id="gpu")
     try:
-        chunks = build_model(hf)
+        chunks = build_model(hf, groups=groups)
         load_hf_weights(chunks, hf)
         with torch.no_grad():
             for p in chunks[0].parameters():
@@ -293,11 +294,11 @@ def test_a_weight_broadcast_from_cuda_tensors_over_gloo_reaches_a_stand_in(tmp_p
         engine.close()
 
 
-def _width(**fields) -> dict:
-    """Qwen3-0.6B's layer widths with ``fields`` changed (a config for a layer-level measurement)."""
+def _one_layer() -> AutoConfig:
+    """Qwen3-0.6B's widths in one layer and a small vocabulary (a layer-level measurement)."""
     config = load_hf_config(QWEN3_0P6B).to_dict()
     config.pop("model_type", None)
-    return {**config, **fields}
+    return AutoConfig.for_model("qwen3", **{**config, "num_hidden_layers": 1, "vocab_size": 1000})
 
 
 def _segments(length: int, count: int) -> torch.Tensor:

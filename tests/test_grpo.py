@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
-from megatron.core import parallel_state as ps
 
 from megatron_opsd.algorithms.grpo import GRPOConfig, group_advantages, policy_loss
 from megatron_opsd.cli import main
-from megatron_opsd.parallel import Layout, initialize
+from megatron_opsd.parallel import Layout, initialize, teardown
 from megatron_opsd.tracking import read_metrics
-from tests.train_configs import REPO, losses, write_config
+from tests.support.train_configs import REPO, losses, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,9 +34,8 @@ def dense_reference(hidden, weight, targets, advantage, token_weight, old, cfg, 
 
 @pytest.fixture(scope="module")
 def tp1():
-    initialize(Layout())
-    yield
-    ps.destroy_model_parallel()
+    yield initialize(Layout())
+    teardown()
 
 
 @pytest.mark.parametrize("old_kind", ["current", "rollout"])
@@ -58,7 +56,8 @@ def test_policy_loss_and_gradients_match_float64(tp1, old_kind):
         old = old + 0.4 * torch.randn(n, generator=g, dtype=torch.float64)
     ours_h, ours_w = hidden.float().requires_grad_(), weight.float().requires_grad_()
     per_token, clipped, _ = policy_loss(ours_h, ours_w, targets, advantage.float(), token_weight.float(),
-                                        None if old is None else old.float(), cfg, vocab_size=vocab, temperature=1.1)
+                                        None if old is None else old.float(), cfg, vocab_size=vocab, temperature=1.1,
+                                        groups=tp1)
     ref_h, ref_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     reference = dense_reference(ref_h, ref_w, targets, advantage, token_weight, old, cfg, vocab, 1.1)
     torch.testing.assert_close(per_token.double(), reference, rtol=1e-5, atol=1e-6)

@@ -23,7 +23,7 @@ from megatron_opsd.models.bridge import model_hf_tensors
 from megatron_opsd.parallel import Layout, initialize
 from megatron_opsd.train.components import build_components
 from megatron_opsd.train.loop import train
-from tests.train_configs import REPO, load_train, losses, write_config
+from tests.support.train_configs import REPO, load_train, losses, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LORA = {"r": 4, "alpha": 8.0}
@@ -88,9 +88,9 @@ def test_a_lora_checkpoint_holds_the_adapters_only_and_a_killed_run_resumes_exac
     assert main(["train", str(path)]) == 0
     assert losses(tmp_path / "killed" / "run") == losses(tmp_path / "whole" / "run")
     # The adapters-only checkpoint loads on its own (the base named in its lora.json): the run's merged export.
-    initialize(Layout())
+    groups = initialize(Layout())
     try:
-        chunks = build_model(lora_ckpt / "hf")
+        chunks = build_model(lora_ckpt / "hf", groups=groups)
         checkpoint.load(chunks, lora_ckpt)
         exported = dict(model_hf_tensors(chunks))
     finally:

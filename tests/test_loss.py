@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from megatron_opsd.opsd.loss import LossConfig, dense_token_divergence, fused_token_divergence
-from tests.distributed import assert_check, launch
+from megatron_opsd.algorithms.opsd.divergence import LossConfig, dense_token_divergence
+from megatron_opsd.algorithms.opsd.loss import fused_token_divergence
+from tests.support.distributed import torchrun_checks
 from tests.workers.loss_tp import (
-    CHECKS,
     TOLERANCE,
     VARIANTS,
     assert_matches_dense,
@@ -282,11 +282,4 @@ def test_config_defaults_and_kind() -> None:
     assert LossConfig(vocab_size=10, divergence="jsd", beta=0.5).kind == "jsd"
 
 
-@pytest.fixture(scope="module")
-def tp2(tmp_path_factory) -> dict[str, dict]:
-    return launch("tests.workers.loss_tp", 2, tmp_path_factory.mktemp("loss_tp"))
-
-
-@pytest.mark.parametrize("check", CHECKS)
-def test_tp2(tp2: dict[str, dict], check: str) -> None:
-    assert_check(tp2, check)
+test_tp2 = torchrun_checks("tests.workers.loss_tp", 2)

@@ -4,18 +4,8 @@ conversion round trip."""
 
 import pytest
 
-from tests.distributed import assert_check, launch
-from tests.workers.recipes import CHECKS
+from tests.support.distributed import torchrun_checks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    work = tmp_path_factory.mktemp("recipes")
-    return launch("tests.workers.recipes", 2, work, "--workdir", str(work))
-
-
-@pytest.mark.parametrize("check", list(CHECKS))
-def test_recipe(results, check):
-    assert_check(results, check)
+test_recipe = torchrun_checks("tests.workers.recipes", 2)

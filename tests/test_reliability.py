@@ -20,8 +20,8 @@ from megatron_opsd.config import parse_override
 from megatron_opsd.fileio import CheckpointError, verify_manifest
 from megatron_opsd.platform import free_port
 from megatron_opsd.tracking import read_metrics
-from tests.tiny_models import save_tiny_model
-from tests.train_configs import REPO, losses, write_config
+from tests.support.tiny_models import save_tiny_model
+from tests.support.train_configs import REPO, losses, write_config
 
 SMALL = {"steps": 2, "prompts_per_step": 2, "eval": {"data": None}}
 pytestmark = pytest.mark.usefixtures("one_thread")

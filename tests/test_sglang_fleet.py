@@ -24,8 +24,8 @@ from megatron_opsd.rollout.sglang.config import SGLangEngineConfig
 from megatron_opsd.rollout.sglang.engine import RolloutError, SGLangEngine
 from megatron_opsd.rollout.sglang.fleet import Fleet, FleetError
 from megatron_opsd.rollout.sglang.protocol import finish_reason, generate_reply
-from tests.processes import processes_matching
-from tests.tiny_models import save_tiny_model
+from tests.support.processes import processes_matching
+from tests.support.tiny_models import save_tiny_model
 
 STAND_IN = ["python", "-m", "megatron_opsd.cli", "serve"]
 KEY = "fleet-test-key"
@@ -223,7 +223,7 @@ def test_opsd_through_the_fleet_trains_as_with_the_embedded_engine(tmp_path, mod
     of the last sync; the run's files hold no API key and no server outlives the run."""
     from megatron_opsd.cli import main
     from megatron_opsd.tracking import read_metrics
-    from tests.train_configs import losses, write_config
+    from tests.support.train_configs import losses, write_config
 
     assert main(["train", str(write_config(tmp_path / "embedded", model_dir))]) == 0
     want = read_metrics(tmp_path / "embedded" / "run" / "metrics.jsonl")

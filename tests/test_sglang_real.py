@@ -23,8 +23,8 @@ from megatron_opsd.rollout.engine import SamplingParams
 from megatron_opsd.rollout.sglang.config import SGLangEngineConfig
 from megatron_opsd.rollout.sglang.engine import SGLangEngine
 from megatron_opsd.rollout.sglang.fleet import Fleet
-from tests.test_sglang_standin import assert_shape, fixture
-from tests.tiny_models import save_tiny_model
+from tests.support.sglang_contract import assert_shape, fixture
+from tests.support.tiny_models import save_tiny_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -95,9 +95,9 @@ def test_distributed_sync_from_a_one_process_trainer(engine, tmp_path, model_dir
     from megatron_opsd.rollout.sync.base import ProbeCheck, SyncConfig
     from megatron_opsd.rollout.sync.distributed import DistributedSync
 
-    initialize(Layout())
+    groups = initialize(Layout())
     hf_config = AutoConfig.from_pretrained(model_dir)
-    chunks = build_model(hf_config, torch.float32)
+    chunks = build_model(hf_config, torch.float32, groups=groups)
     load_hf_weights(chunks, model_dir)
     with torch.no_grad():
         for p in chunks[0].parameters():

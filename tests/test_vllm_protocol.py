@@ -12,7 +12,7 @@ from megatron_opsd.rollout.vllm.client import VLLMServer
 from megatron_opsd.rollout.vllm.config import VLLMEngineConfig
 from megatron_opsd.rollout.vllm.engine import VLLMFleet
 from megatron_opsd.rollout.vllm.protocol import completion_request, parse_completion, parse_prompt_logprobs
-from tests.train_configs import REPO, load_train
+from tests.support.train_configs import REPO, load_train
 
 FULL = SamplingParams(temperature=0.8, top_p=1.0, top_k=-1, max_new_tokens=4, stop_token_ids=(2,), seed=1)
 CUT = SamplingParams(temperature=0.8, top_p=0.95, top_k=20, max_new_tokens=4, stop_token_ids=(2,), seed=1)

@@ -23,9 +23,9 @@ from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_opsd.rollout.engine import ProbeMismatchError, Rollout, SamplingParams
 from megatron_opsd.rollout.vllm.config import VLLMEngineConfig
 from megatron_opsd.rollout.vllm.engine import VLLMEngine, VLLMFleet
-from tests.processes import VLLM_PYTHON, processes_matching
-from tests.tiny_models import save_tiny_model
-from tests.train_configs import REPO
+from tests.support.processes import VLLM_PYTHON, processes_matching
+from tests.support.tiny_models import save_tiny_model
+from tests.support.train_configs import REPO
 
 if not VLLM_PYTHON.is_file():
     if os.environ.get("OPSD_REQUIRE_VLLM") == "1":
@@ -119,8 +119,8 @@ def _trainer(model: Path) -> list[torch.nn.Module]:
     from megatron_opsd.models.bridge import load_hf_weights
     from megatron_opsd.parallel import Layout, initialize
 
-    initialize(Layout())
-    chunks = build_model(AutoConfig.from_pretrained(model), torch.float32)
+    groups = initialize(Layout())
+    chunks = build_model(AutoConfig.from_pretrained(model), torch.float32, groups=groups)
     load_hf_weights(chunks, model)
     return chunks
 
@@ -204,7 +204,7 @@ def test_weights_broadcast_by_vllms_weight_transfer_and_a_dead_server_is_restart
 
 @pytest.fixture(scope="module")
 def two_rank_pushes(tmp_path_factory) -> dict[str, dict]:
-    from tests.distributed import launch
+    from tests.support.distributed import launch
     from tests.workers.trainer_common import write_inputs
 
     work = tmp_path_factory.mktemp("vllm_transfer")
@@ -215,7 +215,7 @@ def two_rank_pushes(tmp_path_factory) -> dict[str, dict]:
 
 @pytest.mark.parametrize("name", ["vllm_transfer_pp2", "vllm_transfer_tp2"])
 def test_a_two_rank_trainer_broadcasts_to_a_real_server(two_rank_pushes, name):
-    from tests.distributed import assert_check
+    from tests.support.distributed import assert_check
 
     assert_check(two_rank_pushes, name)
 

@@ -27,6 +27,7 @@ from megatron_opsd.data.packing import MicroBatch
 from megatron_opsd.data.sample import Sample
 from megatron_opsd.data.sources import Problem
 from megatron_opsd.models.checkpoint import ShardedStateful, Stateful
+from megatron_opsd.parallel import ParallelGroups
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class LossInputs:
     micro_batch: MicroBatch
     passes: Mapping[str, Tensor]  # [R, H] hidden states of each forward pass, by name
     grad_scale: float         # the schedule backpropagates the loss's sum times this (the optimizer's loss scale)
+    groups: ParallelGroups    # the loss's collectives run on groups.tp
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,10 @@ class Algorithm(Protocol):
     forward_passes: Sequence[ForwardPass]
     metric_sums: Sequence[str]  # the keys of LossOutput.sums, the same on every rank and stage
 
-    def samples(self, problems: Sequence[Problem], rollouts: Sequence[Sequence[Sample]] | None) -> list[Sample]:
-        """The step's samples; ``rollouts[i]`` are problem i's rollouts (None without rollouts)."""
+    def samples(self, problems: Sequence[Problem],
+                rollouts: Sequence[Sequence[Sample]] | None) -> tuple[list[Sample], dict[str, float]]:
+        """The step's samples and what the algorithm measured making them (GRPO's rewards);
+        ``rollouts[i]`` are problem i's rollouts (None without rollouts)."""
 
     def loss(self, inputs: LossInputs) -> LossOutput: ...
 

@@ -33,6 +33,7 @@ from megatron_opsd.data.sample import ROLLOUT_LOGPROBS, Sample
 from megatron_opsd.data.sources import Problem
 from megatron_opsd.eval.grader import grade
 from megatron_opsd.models.logprobs import token_logprobs
+from megatron_opsd.parallel import ParallelGroups
 from megatron_opsd.section import Section
 
 ADVANTAGE, TOKEN_WEIGHT = "advantage", "token_weight"
@@ -62,11 +63,11 @@ def group_advantages(rewards: Sequence[float], std_normalize: bool) -> list[floa
 
 def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, advantage: torch.Tensor,
                 token_weight: torch.Tensor, old: torch.Tensor | None, cfg: GRPOConfig, *, vocab_size: int,
-                temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                temperature: float, groups: ParallelGroups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-token loss ``-min(ratio A, clip(ratio) A) * token_weight``, whether the clip decided it,
     the trainer's log-probs) for hidden states [N, H] and this TP rank's output shard [V_local, H];
-    ``old`` None: the trainer's own log-probs, detached. Collective over the TP group."""
-    logp = token_logprobs(hidden, weight, targets, vocab_size=vocab_size, temperature=temperature,
+    ``old`` None: the trainer's own log-probs, detached. Collective over ``groups.tp``."""
+    logp = token_logprobs(hidden, weight, targets, vocab_size=vocab_size, groups=groups, temperature=temperature,
                           chunk_size=cfg.chunk_size)
     ratio = torch.exp(logp - (logp.detach() if old is None else old))
     high = cfg.clip_eps_high if cfg.clip_eps_high is not None else cfg.clip_eps
@@ -82,9 +83,9 @@ class GRPO:
     def __init__(self, cfg: GRPOConfig, prompts: PromptBuilder, vocab_size: int, logprob_temperature: float):
         self.cfg, self.prompts, self.vocab_size, self.temperature = cfg, prompts, vocab_size, logprob_temperature
         self.rollouts_per_prompt = cfg.n
-        self._step_metrics: dict[str, float] = {}
 
-    def samples(self, problems: Sequence[Problem], rollouts: Sequence[Sequence[Sample]] | None) -> list[Sample]:
+    def samples(self, problems: Sequence[Problem],
+                rollouts: Sequence[Sequence[Sample]] | None) -> tuple[list[Sample], dict[str, float]]:
         rewards, out, silent = [], [], 0
         for problem, group in zip(problems, rollouts, strict=True):
             if problem.answer is None:
@@ -101,9 +102,7 @@ class GRPO:
         weights = [self._weight(s, tokens, len(out)) for s in out]
         out = [dataclasses.replace(s, token_extras={**s.token_extras, TOKEN_WEIGHT: (w,) * len(s.response_ids)})
                for s, w in zip(out, weights, strict=True)]
-        self._step_metrics = {"reward_mean": statistics.fmean(rewards),
-                              "groups_without_signal": silent / len(problems)}
-        return out
+        return out, {"reward_mean": statistics.fmean(rewards), "groups_without_signal": silent / len(problems)}
 
     def _weight(self, sample: Sample, tokens: int, rollouts: int) -> float:
         return tokens / (rollouts * len(sample.response_ids)) if self.cfg.aggregation == "sequence_mean" else 1.0
@@ -118,12 +117,13 @@ class GRPO:
         extras = batch.per_token
         per_token, clipped, logp = policy_loss(
             inputs.hidden, inputs.output_weight, batch.student.targets.to(device), extras[ADVANTAGE].to(device),
-            extras[TOKEN_WEIGHT].to(device), old, self.cfg, vocab_size=self.vocab_size, temperature=self.temperature)
+            extras[TOKEN_WEIGHT].to(device), old, self.cfg, vocab_size=self.vocab_size, temperature=self.temperature,
+            groups=inputs.groups)
         sums = {"clipped_tokens": clipped.sum().float(), "tokens": torch.tensor(float(logp.numel()), device=device)}
         return LossOutput(per_token, sums, logp.detach())
 
     def metrics(self, sums: Mapping[str, float], loss: float) -> dict[str, float]:
-        return {**self._step_metrics, "clip_fraction": sums["clipped_tokens"] / max(sums["tokens"], 1.0)}
+        return {"clip_fraction": sums["clipped_tokens"] / max(sums["tokens"], 1.0)}
 
     def states(self) -> dict:
         return {}

@@ -39,7 +39,8 @@ class SFT:
     def __init__(self, cfg: SFTConfig, prompts: PromptBuilder, end_ids: Sequence[int], vocab_size: int):
         self.cfg, self.prompts, self.end_ids, self.vocab_size = cfg, prompts, tuple(end_ids), vocab_size
 
-    def samples(self, problems: Sequence[Problem], rollouts: Sequence[Sequence[Sample]] | None) -> list[Sample]:
+    def samples(self, problems: Sequence[Problem],
+                rollouts: Sequence[Sequence[Sample]] | None) -> tuple[list[Sample], dict[str, float]]:
         """The first ``round(fraction * len(problems))`` get the teacher prompt (problems come
         shuffled, so that is a random share), the rest the student prompt."""
         teacher_count = round(self.cfg.teacher_prompt_fraction * len(problems))
@@ -48,12 +49,12 @@ class SFT:
             prompt = self.prompts.teacher_ids(problem) if i < teacher_count else self.prompts.student_ids(problem)
             solution = self.prompts.tokenizer.encode(problem.solution, add_special_tokens=False)
             samples.append(Sample(tuple(prompt), tuple(solution) + self.end_ids, group_id=i))
-        return samples
+        return samples, {}
 
     def loss(self, inputs: LossInputs) -> LossOutput:
         targets = inputs.micro_batch.student.targets.to(inputs.hidden.device)
         nll = -token_logprobs(inputs.hidden, inputs.output_weight, targets, vocab_size=self.vocab_size,
-                              chunk_size=self.cfg.chunk_size)
+                              groups=inputs.groups, chunk_size=self.cfg.chunk_size)
         return LossOutput(nll)
 
     def metrics(self, sums: Mapping[str, float], loss: float) -> dict[str, float]:

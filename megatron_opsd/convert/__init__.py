@@ -17,6 +17,8 @@ import argparse
 import importlib
 from functools import partial
 
+from megatron_opsd.errors import UserError
+
 TOOLS = {
     "hf-to-megatron": ("hf_to_megatron", "Hugging Face directory -> Megatron dist checkpoint (any TP/PP)"),
     "megatron-to-hf": ("megatron_to_hf", "Megatron dist checkpoint -> Hugging Face directory"),
@@ -24,7 +26,7 @@ TOOLS = {
 }
 
 
-class ConversionInputError(ValueError):
+class ConversionInputError(UserError, ValueError):
     """Input the user has to fix: a missing file, an unsupported config, an output that already exists."""
 
 
@@ -36,7 +38,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         # No option prefix of its own: every word, --help included, reaches the tool's parser.
         p = sub.add_parser(name, help=help_text, add_help=False, prefix_chars="+")
         p.add_argument("tool_args", nargs="*", help=f"arguments of megatron_opsd.convert.{script}")
-        p.set_defaults(func=partial(run, script), user_errors=(ConversionInputError,))
+        p.set_defaults(func=partial(run, script))
 
 
 def run(script: str, args: argparse.Namespace) -> int:

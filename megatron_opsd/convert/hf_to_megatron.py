@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    initialize(Layout(args.tp, args.pp))
+    groups = initialize(Layout(args.tp, args.pp))
     config = load_hf_config(args.hf_dir)
-    chunks = build_model(config, checkpoint_dtype(config), perform_initialization=False)  # every weight is loaded next
+    chunks = build_model(config, checkpoint_dtype(config), groups=groups, perform_initialization=False)  # every weight is loaded next
     load_hf_weights(chunks, args.hf_dir)
     checkpoint.save(chunks, args.out, hf_files_from=args.hf_dir, overwrite=args.overwrite)
     if dist.get_rank() == 0:

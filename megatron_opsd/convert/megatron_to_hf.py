@@ -36,11 +36,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    initialize(Layout(args.tp, args.pp))
+    groups = initialize(Layout(args.tp, args.pp))
     hf_files = Path(args.hf_config) if args.hf_config else checkpoint.hf_config_dir(args.megatron_dir)
     config = load_hf_config(hf_files)
     dtype = checkpoint_dtype(config)
-    chunks = build_model(config, dtype, perform_initialization=False)  # every weight is loaded next
+    chunks = build_model(config, dtype, groups=groups, perform_initialization=False)  # every weight is loaded next
     checkpoint.load(chunks, args.megatron_dir)
     write_hf_model(chunks, args.out, lambda out: copy_non_weight_files(hf_files, out), dtype=dtype,
                    max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)

@@ -15,7 +15,6 @@ import sys
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from transformers import AutoModelForCausalLM
 
 from megatron_opsd.models import attention_mask, build_model, checkpoint, load_hf_config
@@ -35,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    initialize(Layout(args.tp, args.pp))
+    groups = initialize(Layout(args.tp, args.pp))
     config = load_hf_config(args.hf_dir)
-    chunks = build_model(config, torch.float32)
+    chunks = build_model(config, torch.float32, groups=groups)
     checkpoint.load(chunks, args.megatron_dir)
 
     generator = torch.Generator().manual_seed(args.seed)
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs = forward_only(chunks, [batch], gather_logits=True)
 
     diffs = torch.zeros(2, dtype=torch.float64, device=device)
-    if ps.is_pipeline_last_stage():
+    if groups.last_stage:
         hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
         with torch.no_grad():
             ref = hf(input_ids).logits.double()

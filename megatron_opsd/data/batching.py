@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from megatron_opsd.data.packing import MicroBatch, PackingConfig, pack_samples
 from megatron_opsd.data.sample import Sample, common_layout
+from megatron_opsd.parallel import ParallelGroups
 from megatron_opsd.platform import current_device
 
 
@@ -35,23 +35,23 @@ def split_for_data_parallel(costs: Sequence[int], dp_size: int) -> list[list[int
     return [sorted(r) for r in ranks]
 
 
-def data_parallel_share(samples: Sequence[Sample]) -> list[int]:
+def data_parallel_share(samples: Sequence[Sample], groups: ParallelGroups) -> list[int]:
     """Indices into ``samples`` of this DP rank's share (token-balanced; the same split on every rank)."""
     costs = [len(s.student_ids) + len(s.teacher_ids or ()) for s in samples]
-    share = split_for_data_parallel(costs, parallel_state.get_data_parallel_world_size())
-    return share[parallel_state.get_data_parallel_rank()]
+    return split_for_data_parallel(costs, groups.dp_size)[groups.dp_rank]
 
 
-def rank_micro_batches(samples: Sequence[Sample], cfg: PackingConfig, pad_multiple: int = 1,
+def rank_micro_batches(samples: Sequence[Sample], cfg: PackingConfig, groups: ParallelGroups, pad_multiple: int = 1,
                        pad_id: int = 0) -> list[MicroBatch]:
     """This DP rank's share of a step's samples, packed; every DP rank gets the same micro-batch
-    count, padding-only micro-batches where needed (collective over the DP group).
-    ``MicroBatch.sample_ids`` index into the share (``data_parallel_share(samples)``)."""
+    count, padding-only micro-batches where needed (collective over ``groups.dp``).
+    ``MicroBatch.sample_ids`` index into the share (``data_parallel_share(samples, groups)``)."""
     layout = common_layout(samples)
-    mine = [samples[i] for i in data_parallel_share(samples)]
+    mine = [samples[i] for i in data_parallel_share(samples, groups)]
     batches = pack_samples(mine, cfg, pad_multiple, pad_id, layout=layout)
     count = torch.tensor(len(batches), device=current_device())
-    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+    if groups.dp_size > 1:
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=groups.dp)
     if int(count) != len(batches):
         batches = pack_samples(mine, cfg, pad_multiple, pad_id, int(count), layout=layout)
     return batches

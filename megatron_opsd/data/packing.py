@@ -34,6 +34,7 @@ import torch
 from pydantic import Field
 
 from megatron_opsd.data.sample import Sample, SampleLayout, common_layout
+from megatron_opsd.errors import UserError
 from megatron_opsd.section import Section
 
 
@@ -47,7 +48,7 @@ class PackingConfig(Section):
         return tuple(b - b % pad_multiple for b in (self.tokens_per_micro_batch, teacher))
 
 
-class PackingError(ValueError):
+class PackingError(UserError, ValueError):
     """Samples that cannot be packed as asked (one longer than the micro-batch budget)."""
 
 

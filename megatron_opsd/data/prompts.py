@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from megatron_opsd.data.sources import Problem, ProblemSet
+from megatron_opsd.errors import UserError
 from megatron_opsd.section import Section
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ V1 = Templates(
 NAMED_TEMPLATES = {"v3": V3, "v1": V1}
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A template that would break OPSD, or a prompt that does not fit its length limit."""
 
 

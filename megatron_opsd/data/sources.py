@@ -10,7 +10,7 @@ that no row has, or a data set with no usable row, is an error even then.
 Rows come from a hub name (clusters, e.g. the OpenThoughts math set) or a local jsonl / json /
 parquet / arrow file, glob, or ``save_to_disk`` directory. JSON Lines files are read here, a
 ``json.loads`` per line (errors name the file and line); everything else through Hugging Face
-``datasets``, imported only then (it brings pandas and pyarrow: ~90 MB of a small run's memory).
+``datasets``, imported only then (it brings pandas and pyarrow, more memory than a small run needs).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from megatron_opsd.errors import UserError
 from megatron_opsd.section import Section
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class DataConfig(Section):
         return f"{self.name}{'/' + self.subset if self.subset else ''} [{self.split}]"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Unusable data: names the data set, and the row and field where it applies."""
 
 

@@ -25,9 +25,10 @@ from typing import Any, TypeVar
 
 from pydantic import Field
 
-from megatron_opsd.config import ConfigError, config_reference, load_config
-from megatron_opsd.data.prompts import PromptBuilder, PromptConfig, PromptError, load_tokenizer
+from megatron_opsd.config import config_reference, load_config
+from megatron_opsd.data.prompts import PromptBuilder, PromptConfig, load_tokenizer
 from megatron_opsd.data.sources import DataConfig, DataError, Problem, load_problems
+from megatron_opsd.errors import UserError
 from megatron_opsd.eval.evaluate import EvalConfig, evaluate, reference_of, write_report
 from megatron_opsd.fileio import unreadable_safetensors
 from megatron_opsd.platform import current_device
@@ -54,7 +55,7 @@ class EvalRunConfig(Section):
     limit: int | None = Field(default=None, ge=1, description="evaluate only the first N usable problems")
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model path that cannot be loaded: not a model, a damaged checkpoint, an unsupported config."""
 
 
@@ -68,7 +69,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, help="samples per problem (sets eval.k; default 12)")
     p.add_argument("--out", type=Path, default=Path("eval_report.json"), help="JSON report (default: %(default)s)")
     p.add_argument("--config", type=Path, help="YAML file with the keys below")
-    p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, ModelError))
+    p.set_defaults(func=run)
 
 
 def model_tokenizer(configured: str | None, model_files: Path) -> Any:
@@ -84,25 +85,24 @@ def _from_megatron(path: Path, use: Callable[[list, Any, Path], T]) -> T:
     Megatron is imported here, not at module level: it costs seconds that other commands should not pay.
     """
     import torch.distributed as dist
-    from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
     from megatron_opsd.fileio import CheckpointError
     from megatron_opsd.models import UnsupportedConfigError, build_model, checkpoint, checkpoint_dtype, load_hf_config
-    from megatron_opsd.parallel import Layout, initialize
+    from megatron_opsd.parallel import Layout, initialize, teardown
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ModelError("opsd eval runs as a single process; start it without torchrun")
     try:
         hf_dir = checkpoint.hf_config_dir(path)
         config = load_hf_config(hf_dir)
-        initialize(Layout())
+        groups = initialize(Layout())
         try:
-            chunks = build_model(config, checkpoint_dtype(config))
+            chunks = build_model(config, checkpoint_dtype(config), groups=groups)
             checkpoint.load(chunks, path)
             return use(chunks, config, hf_dir)
         finally:
-            parallel_state.destroy_model_parallel()
+            teardown()
             dist.destroy_process_group()
     except (OSError, CheckpointError, CheckpointingException, UnsupportedConfigError) as exc:
         raise ModelError(f"cannot load Megatron checkpoint {path}: {exc}") from exc

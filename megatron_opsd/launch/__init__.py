@@ -28,11 +28,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     job.add_argument("config", type=Path, help="the training config (YAML)")
     job.add_argument("overrides", nargs="*", help="dotted key=value overrides of the training config")
     job.add_argument("--dry-run", action="store_true", help="print the plan and start nothing (also OPSD_DRY_RUN=1)")
-    job.set_defaults(func=run_job, user_errors=(LaunchError, ValueError))
+    job.set_defaults(func=run_job)
     task = roles.add_parser("task", help="one job step's task (srun runs it; not for a shell)")
     task.add_argument("role", choices=ROLES)
     task.add_argument("plan", type=Path)
-    task.set_defaults(func=run_task, user_errors=(LaunchError,))
+    task.set_defaults(func=run_task)
 
 
 def run_job(args: argparse.Namespace) -> int:

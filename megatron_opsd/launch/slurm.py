@@ -14,8 +14,10 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from megatron_opsd.errors import UserError
 
-class LaunchError(RuntimeError):
+
+class LaunchError(UserError, RuntimeError):
     """A launch that cannot go on: bad settings, a node without the fabric, a step that died."""
 
 

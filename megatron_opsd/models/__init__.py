@@ -1,8 +1,8 @@
 """Megatron-core models for Hugging Face Llama-family checkpoints.
 
-Build (after ``megatron_opsd.parallel.initialize(Layout(tp, pp))``)::
+Build (``groups`` from ``megatron_opsd.parallel.initialize(Layout(tp, pp))``)::
 
-    chunks = build_model(hf_dir_or_config, dtype=torch.float32)    # this rank's stage(s)
+    chunks = build_model(hf_dir_or_config, torch.float32, groups=groups)    # this rank's stage(s)
     load_hf_weights(chunks, hf_dir)                                   # any TP/PP layout
 
 Forward (``LlamaFamilyModel.forward``)::
@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from megatron.core import parallel_state as ps
 from megatron.core.transformer.spec_utils import ModuleSpec
 from pydantic import Field, model_validator
 from transformers import AutoConfig, PretrainedConfig
@@ -51,6 +50,7 @@ from megatron_opsd.models.architectures import (
 )
 from megatron_opsd.models.gpt import LlamaFamilyModel, attention_mask
 from megatron_opsd.models.lora import LoraConfig
+from megatron_opsd.parallel import ParallelGroups
 from megatron_opsd.section import Section
 
 
@@ -119,35 +119,30 @@ def build_model(
     hf_config_or_dir: PretrainedConfig | str | Path,
     dtype: torch.dtype = torch.float32,
     *,
+    groups: ParallelGroups,
     vocab_divisor: int = 128,
     use_te: bool | None = None,
     spec: ModuleSpec | None = None,
     **config_overrides: Any,
 ) -> list[LlamaFamilyModel]:
-    """This rank's model chunks for the current Megatron parallel state (one chunk per rank).
+    """This rank's model chunks for the layout of ``groups`` (one chunk per rank).
 
     Parameters are randomly initialized; load weights with ``bridge.load_hf_weights`` or
     ``checkpoint.load``. ``config_overrides`` go to ``TransformerConfig`` (e.g. recompute); pass
     ``perform_initialization=False`` when every weight is loaded right after (the random init
-    dominates a conversion's time on CPU: bench/RESULTS.md, "conversion"). ``spec``: another
-    layer spec than :func:`layer_spec`'s (``use_te`` then does not apply).
+    dominates a conversion's time on CPU). ``spec``: another layer spec than :func:`layer_spec`'s
+    (``use_te`` then does not apply).
     """
-    tp = ps.get_tensor_model_parallel_world_size()
-    pp = ps.get_pipeline_model_parallel_world_size()
+    tp, pp = groups.tp_size, groups.pp_size
     arch = parse_hf_config(load_hf_config(hf_config_or_dir), tp=tp, vocab_divisor=vocab_divisor)
     if arch.num_layers % pp:
         raise LayoutError(f"pipeline size {pp} must divide num_hidden_layers={arch.num_layers}")
-    if ps.get_context_parallel_world_size() > 1:
+    if groups.cp_size > 1:
         raise NotImplementedError("LlamaFamilyModel.forward does not split sequences for context parallelism")
     on_cuda = torch.cuda.is_available()
     config = transformer_config(arch, tp=tp, pp=pp, dtype=dtype, use_cpu_initialization=not on_cuda, **config_overrides)
-    model = LlamaFamilyModel(
-        config,
-        spec if spec is not None else layer_spec(arch, use_te),
-        arch,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
-    ).to(dtype)  # the local spec's torch norms ignore params_dtype
+    spec = spec if spec is not None else layer_spec(arch, use_te)
+    model = LlamaFamilyModel(config, spec, arch, groups).to(dtype)  # the local spec's torch norms ignore params_dtype
     if on_cuda:
         model.cuda()
     return [model]

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from torch import Tensor
 
 from megatron_opsd.fileio import CheckpointError, atomic_output_dir
@@ -41,6 +40,7 @@ from megatron_opsd.models.architectures import Architecture
 from megatron_opsd.models.gpt import LlamaFamilyModel
 from megatron_opsd.models.hf_io import HFReader, write_hf_shards
 from megatron_opsd.models.lora import is_adapter_param, merged_weights
+from megatron_opsd.parallel import ParallelGroups, group_size
 
 EMBED, LM_HEAD, FINAL_NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
 
@@ -191,8 +191,8 @@ def load_hf_weights(chunks: list[LlamaFamilyModel], hf_dir: str | Path) -> None:
     The directory is validated first against the model's config (see ``HFReader``); every
     parameter of every chunk is written, so nothing keeps its random initialization.
     """
-    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     for chunk in chunks:
+        rank, size = chunk.groups.tp_rank, chunk.groups.tp_size
         reader = HFReader(hf_dir, hf_shapes(chunk.arch))
         for item in _items(chunk):
             for name, dst, src in _shard_pairs(item, reader, chunk.arch, rank, size):
@@ -208,9 +208,9 @@ def _cat(parts: list[Tensor], dim: int = 0) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _gather_tp(item: _Item, arch: Architecture, group: dist.ProcessGroup, size: int) -> list[Tensor] | None:
+def _gather_tp(item: _Item, arch: Architecture, group: dist.ProcessGroup | None) -> list[Tensor] | None:
     """Full HF tensors for ``item`` on the group's first rank, None on the others (collective over TP)."""
-    local = item.value()
+    local, size = item.value(), group_size(group)
     first = dist.get_process_group_ranks(group)[0] if size > 1 else dist.get_rank()
     if item.kind == "replicated":
         return [local] if dist.get_rank() == first else None
@@ -235,14 +235,14 @@ def _gather_tp(item: _Item, arch: Architecture, group: dist.ProcessGroup, size: 
     return [t.reshape(-1, *rest) for t in (q, k, v)]
 
 
-def _in_replica_zero() -> bool:
+def _in_replica_zero(groups: ParallelGroups) -> bool:
     """Whether this rank belongs to data-parallel (and context-parallel) replica 0, the one exported."""
-    return ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    return groups.dp_cp_rank == 0
 
 
-def is_stage_sender() -> bool:
+def is_stage_sender(groups: ParallelGroups) -> bool:
     """Whether this rank yields its pipeline stage's tensors in :func:`stage_hf_tensors`."""
-    return _in_replica_zero() and ps.get_tensor_model_parallel_rank() == 0
+    return _in_replica_zero(groups) and groups.tp_rank == 0
 
 
 def stage_hf_shapes(chunks: list[LlamaFamilyModel]) -> list[tuple[str, tuple[int, ...]]]:
@@ -263,14 +263,13 @@ def stage_hf_tensors(chunks: list[LlamaFamilyModel], dtype: torch.dtype | None =
     are in ``dtype`` (default the model's) and may share storage with the model: copy before modifying.
     """
     (chunk,) = chunks  # virtual pipeline stages are not supported
-    if not _in_replica_zero():
+    if not _in_replica_zero(chunk.groups):
         return
-    tp_group, tp_size = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
     out_dtype = dtype or chunk.config.params_dtype
     for item in _items(chunk):
         if not item.exported:
             continue
-        tensors = _gather_tp(item, chunk.arch, tp_group, tp_size)
+        tensors = _gather_tp(item, chunk.arch, chunk.groups.tp)
         if tensors is not None:
             yield from zip(item.hf_names, (t.to(out_dtype).contiguous() for t in tensors), strict=True)
         elif placeholders:
@@ -285,16 +284,17 @@ def model_hf_tensors(chunks: list[LlamaFamilyModel], dtype: torch.dtype | None =
     to rank 0, which yields them in pipeline-stage order, one tensor in flight at a time.
     """
     (chunk,) = chunks
+    groups = chunk.groups
     stage = stage_hf_tensors(chunks, dtype)
-    pp_size = ps.get_pipeline_model_parallel_world_size()
-    if pp_size == 1 or not _in_replica_zero():
+    pp_size = groups.pp_size
+    if pp_size == 1 or not _in_replica_zero(groups):
         yield from stage
         return
-    if ps.get_tensor_model_parallel_rank() != 0:
+    if groups.tp_rank != 0:
         drain(stage)  # its part of the TP gathers; the stage's sender sends
         return
     # The stage senders and rank 0 form the pipeline group of TP rank 0 in replica 0.
-    pp_group, my_stage = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_rank()
+    pp_group, my_stage = groups.pp, groups.pp_rank
     stages: list[list[tuple[str, tuple[int, ...]]]] = [None] * pp_size
     dist.all_gather_object(stages, stage_hf_shapes(chunks), group=pp_group)
     senders = dist.get_process_group_ranks(pp_group)

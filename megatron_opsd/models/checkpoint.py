@@ -113,6 +113,8 @@ def save_sharded(state: ShardedStateDict, directory: Path, write_files: Callable
 
     The writers get a fork results queue, skip torch.save's CRC32 and checksum what they write.
     """
+    # Megatron has no setting for any of the three (its writers' results queue, torch.save's CRC32,
+    # the file object its writers write through): each is set around the save, and only there.
     use_fork_results_queue()
     with _without_crc32(), _hashing_writers():
         dist_checkpointing.save(state, str(directory))

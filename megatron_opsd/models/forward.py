@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import unwrap_model
 from torch import Tensor
 
 from megatron_opsd.models.gpt import LlamaFamilyModel
@@ -47,4 +47,4 @@ def forward_only(
     finally:
         for chunk, mode in zip(chunks, training, strict=True):
             chunk.train(mode)
-    return list(outputs) if ps.is_pipeline_last_stage() else None
+    return list(outputs) if unwrap_model(chunks[-1]).groups.last_stage else None

@@ -27,28 +27,29 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megatron_opsd.models.architectures import Architecture, rope_inv_freq
+from megatron_opsd.parallel import ParallelGroups
 
 
 class LlamaFamilyModel(GPTModel):
     """One pipeline stage of a Llama-family decoder (see module docstring for the forward)."""
 
-    def __init__(
-        self, config: TransformerConfig, spec: ModuleSpec, arch: Architecture, pre_process: bool, post_process: bool
-    ):
+    def __init__(self, config: TransformerConfig, spec: ModuleSpec, arch: Architecture, groups: ParallelGroups):
         super().__init__(
             config=config,
             transformer_layer_spec=spec,
             vocab_size=arch.padded_vocab_size,
             max_sequence_length=arch.hf_config.max_position_embeddings,
-            pre_process=pre_process,
-            post_process=post_process,
+            pre_process=groups.first_stage,
+            post_process=groups.last_stage,
             parallel_output=True,
             share_embeddings_and_output_weights=arch.tie_embeddings,
             position_embedding_type="rope",
             rotary_base=arch.rope_theta,
+            pg_collection=groups.megatron,
         )
         self.arch = arch
-        if pre_process:  # Megatron builds the lookup inside LanguageModelEmbedding: re-class it in place
+        self.groups = groups  # the layout it was built for: what every collective over it runs on
+        if self.pre_process:  # Megatron builds the lookup inside LanguageModelEmbedding: re-class it in place
             self.embedding.word_embeddings.__class__ = SparseGradVocabEmbedding
         # A plain attribute, not a buffer: it must stay fp32 when the module is cast to bf16.
         self.inv_freq = rope_inv_freq(arch)

@@ -35,7 +35,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     get_cuda_rng_tracker,
@@ -166,8 +165,8 @@ _SITES = (("self_attention", "linear_qkv", "lora_qkv", "column", ("q", "k", "v")
 
 def add_adapters(chunks: Sequence[nn.Module], cfg: LoraConfig, seed: int) -> None:
     """Freeze every parameter of ``chunks`` and give each targeted projection an adapter."""
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     for chunk in chunks:
+        tp, tp_rank = chunk.groups.tp_size, chunk.groups.tp_rank
         if chunk.config.sequence_parallel:
             raise NotImplementedError("LoRA adapters with sequence parallelism (their inputs and outputs are "
                                       "sequence shards there): train with sequence_parallel off")

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
+from megatron.core.utils import unwrap_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from megatron_opsd.fileio import CheckpointError, atomic_output_dir
 from megatron_opsd.models.lora import HF_MODULES, LinearAdapters, LoraConfig, adapters_of
+from megatron_opsd.parallel import ParallelGroups
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -37,23 +38,23 @@ def _sharded(adapters: LinearAdapters, which: str) -> int | None:
     return 1 if which == "A" else None
 
 
-def _gather(tensor: torch.Tensor, dim: int | None) -> torch.Tensor:
-    size = ps.get_tensor_model_parallel_world_size()
-    if dim is None or size == 1:
+def _gather(tensor: torch.Tensor, dim: int | None, groups: ParallelGroups) -> torch.Tensor:
+    if dim is None or groups.tp_size == 1:
         return tensor.detach()
-    parts = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(parts, tensor.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+    parts = [torch.empty_like(tensor) for _ in range(groups.tp_size)]
+    dist.all_gather(parts, tensor.detach().contiguous(), group=groups.tp)
     return torch.cat(parts, dim=dim)
 
 
 def write_peft_adapters(chunks: Sequence[nn.Module], out: str | Path, cfg: LoraConfig,
                         base_model: str | None = None) -> Path:
     """The adapters as a PEFT directory ``out`` (collective; written by global rank 0)."""
+    groups = unwrap_model(chunks[0]).groups
     tensors = {}
     for name, adapters, projection in _peft_names(chunks):
         for which, param in zip("AB", adapters.pair(projection)):
-            tensors[f"{name}.lora_{which}.weight"] = _gather(param, _sharded(adapters, which)).cpu()
-    sender = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0
+            tensors[f"{name}.lora_{which}.weight"] = _gather(param, _sharded(adapters, which), groups).cpu()
+    sender = groups.tp_rank == 0 and groups.dp_cp_rank == 0
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(tensors if sender else None, gathered, dst=0)
     with atomic_output_dir(out, overwrite=True) as tmp:
@@ -80,7 +81,8 @@ def load_peft_adapters(chunks: Sequence[nn.Module], path: str | Path, cfg: LoraC
         raise CheckpointError(f"{path / CONFIG}: r={config.get('r')}, lora_alpha={config.get('lora_alpha')}; "
                               f"model.lora has r={cfg.r}, alpha={cfg.alpha}")
     weights = load_file(str(path / WEIGHTS))
-    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    groups = unwrap_model(chunks[0]).groups
+    rank, size = groups.tp_rank, groups.tp_size
     for name, adapters, projection in _peft_names(chunks):
         for which, param in zip("AB", adapters.pair(projection)):
             key = f"{name}.lora_{which}.weight"

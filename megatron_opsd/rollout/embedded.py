@@ -11,6 +11,12 @@ depend on how sequences are batched) and reports exactly the log-probs defined b
   categorical sampling: ``argmax(probs / Exp(1) noise)``.
 - Processing order: temperature, then top-k (``top_k == -1``: off), then top-p; ``temperature == 0``
   is greedy (argmax of the raw logits, the first index on exact ties).
+- With top-k, the top-p nucleus is cut from the k survivors (``torch.topk`` returns them sorted)
+  instead of sorting the whole vocabulary, and the race runs over them alone, one Exp(1) draw per
+  survivor: the same distribution over the vocabulary (tested) at k draws per token instead of V.
+  A row with ties at its k-th value (truncation keeps them all) races over the whole vocabulary;
+  which path a row takes depends on its own logits only, so its random stream, and its rollout,
+  do not depend on the batch around it.
 - A response ends with the first stop token (kept in the response, finish reason ``"stop"``) or
   after ``max_new_tokens`` (``"length"``). Prompt plus ``max_new_tokens`` must fit the model's
   ``max_position_embeddings``: that is an error, never a silent clip.
@@ -296,15 +302,8 @@ class EmbeddedEngine:
 
 def sample(logits: torch.Tensor, params: SamplingParams,
            generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token, log-prob) per row of ``logits`` [B, V] (fp32); row ``r`` draws from ``generators[r]``.
-
-    With top-k, the top-p nucleus is cut from the k survivors (``torch.topk`` returns them sorted)
-    instead of sorting the whole vocabulary, and the race runs over them alone, with one Exp(1)
-    draw per survivor: the distribution of ``softmax(truncate(...))`` over the vocabulary (tested),
-    at k draws per token instead of V. A row with ties at its k-th value (``truncate`` keeps them
-    all) races over the whole vocabulary, V draws; which path a row takes depends on its own logits
-    only, so its random stream, and its rollout, does not depend on the batch around it.
-    """
+    """(token, log-prob) per row of ``logits`` [B, V] (fp32); row ``r`` draws from ``generators[r]``
+    (the top-k shortcut: module docstring)."""
     if params.temperature == 0:
         token = logits.argmax(-1)
         return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]

@@ -24,6 +24,7 @@ import torch
 from pydantic import Field, field_validator
 
 from megatron_opsd.data.sample import Sample
+from megatron_opsd.errors import UserError
 from megatron_opsd.section import Section
 
 FinishReason = Literal["stop", "length", "abort"]  # abort: a server's interrupted request, never trained on
@@ -119,11 +120,11 @@ class EngineHealth:
     detail: str = ""
 
 
-class ProbeMismatchError(RuntimeError):
+class ProbeMismatchError(UserError, RuntimeError):
     """The engine's log-probs disagree with the trainer's after a weight sync (a wrong mapping).
 
-    Raised by the weight sync's probe check; defined here, beside the contract it checks, so that
-    the CLI can name it among its user errors without importing Megatron."""
+    Raised by the weight sync's probe check; defined here, beside the contract it checks. The user's
+    to fix: the servers run another model, dtype or weight mapping than the trainer's."""
 
 
 @runtime_checkable

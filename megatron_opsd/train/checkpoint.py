@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import DistributedOptimizer, MegatronOptimizer
 from megatron.core.utils import unwrap_model
@@ -65,6 +65,7 @@ from megatron_opsd.models.checkpoint import (
     write_lora_manifest,
 )
 from megatron_opsd.models.lora import LoraConfig, has_adapters, is_adapter_param
+from megatron_opsd.parallel import ParallelGroups
 from megatron_opsd.section import Section
 from megatron_opsd.train.optim import fuse_cpu_adam
 
@@ -95,12 +96,8 @@ class CheckpointConfig(Section):
         "boundary, with a checkpoint); the SLURM launcher's way to stop the trainer without relaying signals")
 
 
-def _layout() -> dict[str, int]:
-    return {
-        "tp": parallel_state.get_tensor_model_parallel_world_size(),
-        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-        "dp": parallel_state.get_data_parallel_world_size(),
-    }
+def _layout(groups: ParallelGroups) -> dict[str, int]:
+    return {"tp": groups.tp_size, "pp": groups.pp_size, "dp": groups.dp_size}
 
 
 class ModelState:
@@ -146,6 +143,9 @@ class RNGState:
 
     layout_bound = True
 
+    def __init__(self, groups: ParallelGroups):
+        self.groups = groups
+
     def sharded_state_dict(self, is_loading: bool = False) -> ShardedObject:
         state = {
             "random": random.getstate(),
@@ -154,12 +154,8 @@ class RNGState:
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
         }
-        layout = _layout()
-        offset = (
-            parallel_state.get_pipeline_model_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_data_parallel_rank(),
-        )
+        layout, groups = _layout(self.groups), self.groups
+        offset = (groups.pp_rank, groups.tp_rank, groups.dp_rank)
         return ShardedObject("rng_state", state, (layout["pp"], layout["tp"], layout["dp"]), offset, replica_id=0)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -179,18 +175,19 @@ def save_checkpoint(
     root: str | Path,
     step: int,
     states: Mapping[str, Stateful | ShardedStateful],
+    groups: ParallelGroups,
     keep_last: int,
     write_hf_files: Callable[[Path], None] | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Collective: every rank calls it with the same part names. Plain parts must be identical on
-    all ranks; they are stored once. ``write_hf_files(dir)`` (called on rank 0) writes the model's
+    """Collective: every rank calls it with the same part names (the layout of ``groups`` is
+    recorded). Plain parts must be identical on all ranks; they are stored once. ``write_hf_files(dir)`` (called on rank 0) writes the model's
     HF config and tokenizer into the checkpoint's ``hf/``; ``config`` (the run's, as plain values)
     is kept so that a resume can tell whose checkpoint it is (:func:`checkpoint_config`)."""
     root = Path(root)
     name = f"step_{step:06d}"
     tree = {key: _part_state(part, is_loading=False) for key, part in states.items()}
-    tree[_META] = {"format": FORMAT, "step": step, "layout": _layout(), "parts": sorted(states),
+    tree[_META] = {"format": FORMAT, "step": step, "layout": _layout(groups), "parts": sorted(states),
                    "config": dict(config or {})}
 
     lora = (config or {}).get("model", {}).get("lora")
@@ -329,9 +326,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(path: Path, states: Mapping[str, Stateful | ShardedStateful]) -> int:
+def load_checkpoint(path: Path, states: Mapping[str, Stateful | ShardedStateful], groups: ParallelGroups) -> int:
     """Restore every part in place from the checkpoint at ``path`` (collective; verified by
-    :func:`resolve`); return its step."""
+    :func:`resolve`); return its step. Parts bound to the layout are restored only at the same one."""
     meta = _read_meta(path)
     if meta["parts"] != sorted(states):
         missing, extra = sorted(set(states) - set(meta["parts"])), sorted(set(meta["parts"]) - set(states))
@@ -339,7 +336,7 @@ def load_checkpoint(path: Path, states: Mapping[str, Stateful | ShardedStateful]
             f"{path} holds the parts {meta['parts']}; this run has {sorted(states)}"
             + (f" (missing from the checkpoint: {missing})" if missing else "")
             + (f" (not in this run: {extra})" if extra else "") + ": it was written by another algorithm or setup")
-    same_layout = meta["layout"] == _layout()
+    same_layout = meta["layout"] == _layout(groups)
     restored = {k: p for k, p in states.items() if same_layout or not getattr(p, "layout_bound", False)}
     request = {key: _part_state(part, is_loading=True) for key, part in restored.items()}
     try:
@@ -349,3 +346,33 @@ def load_checkpoint(path: Path, states: Mapping[str, Stateful | ShardedStateful]
     for key, part in restored.items():
         part.load_state_dict(loaded[key])
     return meta["step"]
+
+
+class Checkpointer:
+    """The run's checkpoints of ``states``: written every ``cfg.interval`` steps and at the last one
+    (atomically under ``root``, ``keep_last`` kept; no ``root``: none), restored at the start.
+    ``write_hf_files(dir)`` writes the model's HF config and tokenizer; ``config`` is the run's."""
+
+    def __init__(self, cfg: CheckpointConfig, root: Path | None, states: Mapping[str, Stateful | ShardedStateful],
+                 groups: ParallelGroups, write_hf_files: Callable[[Path], None], config: Mapping[str, Any],
+                 last_step: int):
+        self.cfg, self.root, self.states, self.groups = cfg, root, states, groups
+        self.write_hf_files, self.config, self.last_step = write_hf_files, config, last_step
+
+    def due(self, step: int) -> bool:
+        return self.root is not None and (step % self.cfg.interval == 0 or step == self.last_step)
+
+    def save(self, step: int, *, now: bool = False) -> bool:
+        """Write step ``step``'s checkpoint when it is due (or ``now``, when the run stops); whether it did."""
+        if self.root is None or not (now or self.due(step)):
+            return False
+        save_checkpoint(self.root, step, self.states, self.groups, self.cfg.keep_last,
+                        write_hf_files=self.write_hf_files, config=self.config)
+        return True
+
+    def path(self, step: int) -> Path | None:
+        return self.root / f"step_{step:06d}" if self.root is not None else None
+
+    def load(self, path: Path) -> int:
+        """Restore every part from ``path``; its step."""
+        return load_checkpoint(path, self.states, self.groups)

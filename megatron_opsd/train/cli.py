@@ -11,12 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from megatron_opsd.config import ConfigError, config_reference, load_config
-from megatron_opsd.data.packing import PackingError
-from megatron_opsd.data.prompts import PromptError
-from megatron_opsd.data.sources import DataError
-from megatron_opsd.fileio import CheckpointError
-from megatron_opsd.rollout.engine import ProbeMismatchError
+from megatron_opsd.config import config_reference, load_config
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -24,8 +19,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path, help="YAML config (keys below)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. steps=50 optim.lr=1e-5")
-    p.set_defaults(func=run, user_errors=(ConfigError, DataError, PromptError, PackingError, ProbeMismatchError,
-                                         CheckpointError))
+    p.set_defaults(func=run)
     _reference_on_help(p)
 
 

@@ -34,13 +34,14 @@ from megatron_opsd.models.bridge import load_hf_weights
 from megatron_opsd.models.checkpoint import ShardedStateful, Stateful
 from megatron_opsd.models.lora import add_adapters, has_adapters
 from megatron_opsd.models.peft_format import load_peft_adapters
-from megatron_opsd.parallel import Layout, initialize, on_rank0
+from megatron_opsd.parallel import Layout, ParallelGroups, initialize, on_rank0
 from megatron_opsd.platform import current_device, release_free_host_memory
 from megatron_opsd.rollout.engine import RolloutEngine
 from megatron_opsd.rollout.factory import build_engine
 from megatron_opsd.rollout.sync.base import ProbeCheck, WeightSync
 from megatron_opsd.rollout.sync.factory import build_weight_sync, process_environment
 from megatron_opsd.train.checkpoint import (
+    Checkpointer,
     ModelState,
     OptimizerState,
     RNGState,
@@ -49,9 +50,11 @@ from megatron_opsd.train.checkpoint import (
     resolve,
 )
 from megatron_opsd.train.config import TrainConfig, config_differences
+from megatron_opsd.train.evaluation import Evaluator
 from megatron_opsd.train.optim import build_optimizer, use_distributed_optimizer, wrap_for_training
 from megatron_opsd.train.rollouts import RolloutSource
 from megatron_opsd.train.step import StepRunner
+from megatron_opsd.train.weights import EngineWeights
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ class Components:
     """Everything one run is made of, on this rank."""
 
     cfg: TrainConfig
+    groups: ParallelGroups           # this rank's process groups of the run's layout
     tokenizer: Any
     hf_config: PretrainedConfig
     prompts: PromptBuilder
@@ -81,12 +85,36 @@ class Components:
     def states(self) -> dict[str, Stateful | ShardedStateful]:
         """The checkpoint parts of this run, by name."""
         return {"model": ModelState(self.chunks), "optimizer": OptimizerState(self.optimizer, self.chunks),
-                "scheduler": self.scheduler, "data": self.data, "runner": self.runner, "rng": RNGState(),
+                "scheduler": self.scheduler, "data": self.data, "runner": self.runner, "rng": RNGState(self.groups),
                 **({"rollouts_ahead": self.rollouts} if self.rollouts.ahead else {}), **self.algorithm.states()}
 
     def write_hf_files(self, out: Path) -> None:
         """The model's HF config and the tokenizer: what an HF export or a checkpoint needs besides the weights."""
         write_hf_files(out, self.hf_config, self.cfg.model.dtype, self.tokenizer)
+
+    # The parts that decide when they act, made from the fields above (so a test that replaces
+    # ``weight_sync`` or ``engine`` gets parts over its replacement).
+
+    @functools.cached_property
+    def engine_weights(self) -> EngineWeights:
+        return EngineWeights(self.weight_sync, self.cfg.rollout.sync.interval)
+
+    @functools.cached_property
+    def evaluator(self) -> Evaluator:
+        return Evaluator(self.cfg.eval, self.eval_problems, self.prompts, self.engine, Path(self.cfg.run_dir),
+                         self.cfg.steps)
+
+    @functools.cached_property
+    def checkpointer(self) -> Checkpointer:
+        return Checkpointer(self.cfg.checkpoint, self.cfg.checkpoint_root(), self.states(), self.groups,
+                            self.write_hf_files, self.cfg.model_dump(mode="json"), self.cfg.steps)
+
+    def close(self) -> None:
+        """End what the run started, the last built first: drawing ahead, the weight sync, the engine."""
+        self.rollouts.close()
+        self.engine_weights.close()
+        if self.engine is not None:
+            self.engine.close()
 
 
 def write_hf_files(out: Path, hf_config: PretrainedConfig, dtype: str, tokenizer: Any) -> None:
@@ -104,7 +132,7 @@ def build_components(cfg: TrainConfig) -> Components:
     """
     for name, value in process_environment(cfg.rollout.sync, cfg.rollout.engine, torch.cuda.is_available()).items():
         os.environ.setdefault(name, value)
-    initialize(Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp), seed=cfg.seed)
+    groups = initialize(Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp), seed=cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer)
     prompts = PromptBuilder(tokenizer, cfg.prompts)
     problems = prompts.fitting(load_problems(cfg.data), cfg.data.on_invalid_row)
@@ -116,7 +144,7 @@ def build_components(cfg: TrainConfig) -> Components:
         raise ConfigError(f"tokenizer {cfg.tokenizer} has {len(tokenizer)} tokens, more than the model's "
                           f"vocab_size={hf_config.vocab_size}")
     start, resume = start_point(cfg)
-    chunks = build_model(hf_config, getattr(torch, cfg.model.dtype))
+    chunks = build_model(hf_config, getattr(torch, cfg.model.dtype), groups=groups)
     if cfg.model.hf is not None:
         load_hf_weights(chunks, cfg.model.hf)
     if start is not None and not resume:  # a warm start: the weights, before the teacher copies them
@@ -128,7 +156,7 @@ def build_components(cfg: TrainConfig) -> Components:
         add_adapters(chunks, cfg.model.lora, cfg.seed)
         if cfg.model.lora.init_from is not None:
             load_peft_adapters(chunks, cfg.model.lora.init_from, cfg.model.lora)
-    chunks = wrap_for_training(chunks, chunks[0].config, use_distributed_optimizer(cfg.optim))
+    chunks = wrap_for_training(chunks, use_distributed_optimizer(cfg.optim, groups))
     optimizer, scheduler = build_optimizer(cfg.optim, chunks, cfg.steps)
     logprob_temperature = cfg.rollout.temperature or 1.0  # an engine reports T=1 log-probs for greedy
     algorithm = build_algorithm(cfg.algorithm, chunks, prompts, sampling.stop_token_ids, hf_config.vocab_size,
@@ -156,7 +184,7 @@ def build_components(cfg: TrainConfig) -> Components:
                              ahead=bool(cfg.rollout.async_), checks_versions=weight_sync is not None)
     release_free_host_memory()
     return Components(
-        cfg=cfg, tokenizer=tokenizer, hf_config=hf_config, prompts=prompts, data=data, eval_problems=eval_problems,
+        cfg=cfg, groups=groups, tokenizer=tokenizer, hf_config=hf_config, prompts=prompts, data=data, eval_problems=eval_problems,
         chunks=chunks, optimizer=optimizer, scheduler=scheduler, algorithm=algorithm, runner=runner,
         rollouts=rollouts, engine=engine, weight_sync=weight_sync,
         pad_multiple=cfg.parallel.tp if chunks[0].config.sequence_parallel else 1, pad_id=tokenizer.pad_token_id or 0,

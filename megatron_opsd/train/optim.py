@@ -1,6 +1,6 @@
 """Megatron DDP wrapping, optimizer, LR schedule, and a guarded optimizer step.
 
-The trainer's loss is a global token mean (see ``opsd/step.py``). Megatron implements that
+The trainer's loss is a global token mean (see ``train/step.py``). Megatron implements that
 natively when ``calculate_per_token_loss`` is set: the loss function returns (sum, token count),
 the schedule neither divides by the micro-batch count nor DDP by the DP size, and
 ``finalize_model_grads`` all-reduces the token count over DP and scales the gradients by its
@@ -18,13 +18,12 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.transformer import TransformerConfig
 from pydantic import Field
 
+from megatron_opsd.parallel import ParallelGroups
 from megatron_opsd.section import Section
 
 
@@ -46,10 +45,13 @@ class OptimConfig(Section):
         "resume a checkpoint at another DP size)")
 
 
-def wrap_for_training(chunks: Sequence[torch.nn.Module], config: TransformerConfig, use_distributed_optimizer: bool) -> list[DistributedDataParallel]:
-    """Wrap model chunks in Megatron DDP set up for per-token loss normalisation."""
+def wrap_for_training(chunks: Sequence[torch.nn.Module], use_distributed_optimizer: bool) -> list[DistributedDataParallel]:
+    """Set the chunks' shared config up for training (per-token loss normalisation; with PP, the
+    schedule exchanges activation shapes: packed rows differ in length) and wrap them in Megatron DDP."""
+    config = chunks[0].config
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
+    config.variable_seq_lengths = chunks[0].groups.pp_size > 1
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -61,10 +63,10 @@ def wrap_for_training(chunks: Sequence[torch.nn.Module], config: TransformerConf
     ]
 
 
-def use_distributed_optimizer(cfg: OptimConfig) -> bool:
+def use_distributed_optimizer(cfg: OptimConfig, groups: ParallelGroups) -> bool:
     if cfg.distributed_optimizer is not None:
         return cfg.distributed_optimizer
-    return parallel_state.get_data_parallel_world_size() > 1
+    return groups.dp_size > 1
 
 
 def build_optimizer(

@@ -38,7 +38,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -101,8 +100,8 @@ def _select(hidden: torch.Tensor, side: PackedSequences) -> torch.Tensor:
 
 
 class StepRunner:
-    """Runs steps of ``algorithm`` for fixed model chunks (DDP-wrapped), optimizer and scheduler.
-    Its skip counters are a checkpoint part (``state_dict``)."""
+    """Runs steps of ``algorithm`` for fixed model chunks (DDP-wrapped), optimizer and scheduler,
+    its collectives on the chunks' groups. Its skip counters are a checkpoint part (``state_dict``)."""
 
     def __init__(self, chunks: Sequence[torch.nn.Module], optimizer: MegatronOptimizer,
                  scheduler: OptimizerParamScheduler, algorithm: Algorithm, cfg: StepConfig | None = None):
@@ -110,8 +109,8 @@ class StepRunner:
             raise ValueError("interleaved (virtual) pipeline stages are not supported: pass one chunk")
         self.chunks = list(chunks)
         self.model = unwrap_model(self.chunks[0])
-        self.config = self.chunks[0].config
-        if not self.config.calculate_per_token_loss:
+        self.groups = self.model.groups
+        if not self.chunks[0].config.calculate_per_token_loss:
             raise ValueError("wrap the model with train.optim.wrap_for_training (per-token loss normalisation)")
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -119,8 +118,6 @@ class StepRunner:
         self.cfg = cfg if cfg is not None else StepConfig()  # a fresh default: StepConfig is mutable
         self.skipped_total = 0
         self.consecutive_skips = 0
-        # Packed rows differ in length: let the pipeline schedule exchange activation shapes.
-        self.config.variable_seq_lengths = parallel_state.get_pipeline_model_parallel_world_size() > 1
         self._forward_backward = get_forward_backward_func()
 
     def state_dict(self) -> dict[str, int]:
@@ -158,7 +155,8 @@ class StepRunner:
     def _loss(self, mb: MicroBatch, passes: dict[str, torch.Tensor], hidden: torch.Tensor):
         student = _select(hidden, mb.student)
         weight = self.model.output_weight()
-        out = self.algorithm.loss(LossInputs(student, weight, mb, passes, float(self.optimizer.get_loss_scale())))
+        out = self.algorithm.loss(LossInputs(student, weight, mb, passes, float(self.optimizer.get_loss_scale()),
+                                             self.groups))
         per_token = out.per_token
         total = per_token.sum()
         worst = per_token.detach().float().amax() if per_token.numel() else torch.tensor(-math.inf)
@@ -173,7 +171,7 @@ class StepRunner:
     def student_pass(self, batches: Sequence[MicroBatch],
                      passes: dict[str, Sequence[torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """Forward-backward; gradients end up in the DDP grad buffers, scaled by 1 / global tokens."""
-        last = parallel_state.is_pipeline_last_stage()
+        last = self.groups.last_stage
         per_mb = [{name: states[j] for name, states in passes.items()} if last else {} for j in range(len(batches))]
 
         def forward_step(data_iterator, model):
@@ -251,7 +249,7 @@ class StepRunner:
 
     def _reduce(self, per_mb: list[dict[str, torch.Tensor]], batches: Sequence[MicroBatch]) -> dict[str, float]:
         """Loss statistics from the last stage, summed over DP, then shared along the pipeline."""
-        last = parallel_state.is_pipeline_last_stage()
+        last = self.groups.last_stage
         keys = ("loss_sum", *self.algorithm.metric_sums)
         sums = {k: sum(float(d[k]) for d in per_mb) if last else 0.0 for k in keys}
         sums["tokens"] = float(sum(mb.num_response_tokens for mb in batches)) if last else 0.0
@@ -260,6 +258,6 @@ class StepRunner:
             diffs = torch.cat([torch.zeros(0), *(d["logprob_abs_diff"] for d in per_mb)]) if last else torch.zeros(0)
             sums.update(mismatch_sum=float(diffs.sum()), mismatch_count=float(diffs.numel()))
             maxes["mismatch_max"] = float(diffs.max()) if diffs.numel() else 0.0
-        sums, maxes = all_reduce_stats(sums, maxes, parallel_state.get_data_parallel_group())
-        sums, maxes = all_reduce_stats(sums, maxes, parallel_state.get_pipeline_model_parallel_group())
+        sums, maxes = all_reduce_stats(sums, maxes, self.groups.dp)
+        sums, maxes = all_reduce_stats(sums, maxes, self.groups.pp)
         return {**sums, **maxes}

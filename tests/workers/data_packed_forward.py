@@ -15,8 +15,8 @@ from megatron_opsd.data.sample import Sample
 from megatron_opsd.data.sources import Problem
 from megatron_opsd.models import attention_mask, build_model
 from megatron_opsd.parallel import Layout, initialize
-from tests.distributed import run_checks
-from tests.tiny_models import CONFIGS
+from tests.support.distributed import run_checks
+from tests.support.tiny_models import CONFIGS
 
 REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-5
@@ -25,8 +25,8 @@ MODEL = None
 
 def setup() -> None:
     global MODEL
-    initialize(Layout())
-    (MODEL,) = build_model(CONFIGS["qwen3"], torch.float32)
+    groups = initialize(Layout())
+    (MODEL,) = build_model(CONFIGS["qwen3"], torch.float32, groups=groups)
     MODEL.eval()
 
 

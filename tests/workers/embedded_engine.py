@@ -9,8 +9,8 @@ from megatron_opsd.models.bridge import drain, model_hf_tensors
 from megatron_opsd.models.forward import forward_only
 from megatron_opsd.parallel import Layout, initialize
 from megatron_opsd.rollout.embedded import EmbeddedEngine
-from tests.distributed import run_checks
-from tests.tiny_models import CONFIGS
+from tests.support.distributed import run_checks
+from tests.support.tiny_models import CONFIGS
 
 
 def _randomize(model: torch.nn.Module) -> None:
@@ -26,9 +26,9 @@ def _randomize(model: torch.nn.Module) -> None:
 
 
 def check_megatron_export_logits() -> None:
-    initialize(Layout(tp=2))
+    groups = initialize(Layout(tp=2))
     config = CONFIGS["qwen3"]  # tied embeddings, q/k norms, GQA, vocab 1000 padded to 1024
-    chunks = build_model(config)
+    chunks = build_model(config, groups=groups)
     _randomize(chunks[0])
     ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "position_ids": torch.arange(24).expand(2, -1),

@@ -1,5 +1,5 @@
 """Two-rank checks of LoRA on Megatron against HF PEFT at TP=1, TP=2 and PP=2 (and under Transformer
-Engine's fused norm-linear contract, tests/te_contract.py): forward and
+Engine's fused norm-linear contract, tests/support/te_contract.py): forward and
 gradients with the same adapter weights, the merged export against ``merge_and_unload``, the
 adapters-off model against the base, and the adapters' checkpoint resharded across layouts.
 Run by tests/test_lora.py."""
@@ -20,9 +20,9 @@ from megatron_opsd.models.forward import forward_only
 from megatron_opsd.models.lora import HF_MODULES, LoraConfig, adapters_disabled, adapters_of, add_adapters
 from megatron_opsd.models.peft_format import load_peft_adapters, write_peft_adapters
 from megatron_opsd.parallel import Layout, initialize
-from tests.distributed import run_checks, workdir_arg
-from tests.te_contract import fused_norm_spec
-from tests.tiny_models import save_tiny_model
+from tests.support.distributed import run_checks, workdir_arg
+from tests.support.te_contract import fused_norm_spec
+from tests.support.tiny_models import save_tiny_model
 from tests.workers.models_conversion import batch
 
 TOL = 1e-4
@@ -65,9 +65,9 @@ def peft_model(weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> peft.Pe
 def megatron_model(layout: Layout, weights: dict | None, fused_norm: bool = False) -> list[torch.nn.Module]:
     """The tiny model with adapters at ``layout``, loaded from ``weights`` saved by PEFT itself;
     ``fused_norm``: q/k/v and gate/up normalise their input inside, as under Transformer Engine."""
-    initialize(layout)
+    groups = initialize(layout)
     arch = parse_hf_config(load_hf_config(WORK / "hf"), tp=layout.tp)
-    chunks = build_model(WORK / "hf", spec=fused_norm_spec(arch) if fused_norm else None)
+    chunks = build_model(WORK / "hf", spec=fused_norm_spec(arch) if fused_norm else None, groups=groups)
     load_hf_weights(chunks, WORK / "hf")
     add_adapters(chunks, CFG, seed=1)
     if weights is not None:
@@ -157,8 +157,9 @@ def check_merged_export_and_base(layout: Layout, fused_norm: bool = False) -> No
         assert diff < 1e-6, f"{layout}: merged {name} differs from PEFT's merge_and_unload by {diff:.2e}"
     with adapters_disabled(chunks):
         off = forward_only(chunks, [ids], gather_logits=True)
-    initialize(layout)
-    base = build_model(WORK / "hf", spec=fused_norm_spec(parse_hf_config(load_hf_config(WORK / "hf"), tp=layout.tp))
+    groups = initialize(layout)
+    base = build_model(WORK / "hf", groups=groups, spec=fused_norm_spec(parse_hf_config(load_hf_config(WORK / "hf"),
+                                                                                         tp=layout.tp))
                        if fused_norm else None)
     load_hf_weights(base, WORK / "hf")
     plain = forward_only(base, [ids], gather_logits=True)
@@ -202,8 +203,8 @@ def check_dropout_tp2() -> None:
     """With dropout, training-mode outputs differ from eval mode and backward runs at TP=2; eval
     mode is the no-dropout model."""
     ids = batch()
-    initialize(Layout(2, 1))
-    chunks = build_model(WORK / "hf")
+    groups = initialize(Layout(2, 1))
+    chunks = build_model(WORK / "hf", groups=groups)
     load_hf_weights(chunks, WORK / "hf")
     add_adapters(chunks, CFG.model_copy(update={"dropout": 0.5}), seed=1)
     (model,) = chunks

@@ -13,13 +13,13 @@ import math
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 from megatron.core.transformer import TransformerConfig
 
-from megatron_opsd.opsd.loss import LossConfig, SampledLogprobs, dense_token_divergence, fused_token_divergence
-from megatron_opsd.parallel import Layout, initialize
+from megatron_opsd.algorithms.opsd.divergence import LossConfig, dense_token_divergence
+from megatron_opsd.algorithms.opsd.loss import SampledLogprobs, fused_token_divergence
+from megatron_opsd.parallel import Layout, ParallelGroups, initialize
 
 VARIANTS: dict[str, dict] = {
     f"{div}-clip{'on' if clip else 'off'}-top{'k' if topk else 'all'}": {
@@ -28,6 +28,7 @@ VARIANTS: dict[str, dict] = {
 }
 VARIANTS["sampled_token"] = {"sampled_token": True, "clip": None}
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+GROUPS = ParallelGroups.local()  # the launch's TP=2 groups once set up (tests/test_loss.py: TP=1, no groups)
 
 
 @dataclasses.dataclass
@@ -168,7 +169,7 @@ class _TinyModel(torch.nn.Module):
     def __init__(self, weight_shard: torch.Tensor, tied: bool, config: TransformerConfig):
         super().__init__()
         if tied:
-            tp = parallel_state.get_tensor_model_parallel_world_size()
+            tp = GROUPS.tp_size
             self.embedding = VocabParallelEmbedding(tp * weight_shard.shape[0], weight_shard.shape[1],
                                                     init_method=torch.nn.init.zeros_, config=config)
             with torch.no_grad():
@@ -206,7 +207,7 @@ def _check_main_grad_ddp() -> None:
         for mb in micro_batches:
             loss = fused_token_divergence(model(case.student_hidden[mb].float(), ids[mb]),
                                           case.teacher_hidden[mb].float(), weight, case.teacher_weight[shard].float(),
-                                          case.cfg, group=parallel_state.get_tensor_model_parallel_group(),
+                                          case.cfg, group=GROUPS.tp,
                                           main_grad_scale=1.0)
             loss.sum().backward()
         full = case.student_weight.clone().requires_grad_()
@@ -237,7 +238,7 @@ def _check_grpo_policy_loss() -> None:
     shard = weight[rank * rows:(rank + 1) * rows].float().requires_grad_()
     ours_h = hidden.float().requires_grad_()
     per_token, _, _ = policy_loss(ours_h, shard, targets, advantage.float(), token_weight.float(), old.float(), cfg,
-                                  vocab_size=vocab, temperature=0.9)
+                                  vocab_size=vocab, temperature=0.9, groups=GROUPS)
     per_token.sum().backward()
     ref_h, ref_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     logp = torch.log_softmax((ref_h @ ref_w.T)[:, :vocab] / 0.9, -1).gather(1, targets[:, None])[:, 0]
@@ -253,7 +254,7 @@ def _check_grpo_policy_loss() -> None:
 
 def _check_sampled_logprobs() -> None:
     for seed in range(3):
-        assert_sampled_logprobs_match_dense(seed, parallel_state.get_tensor_model_parallel_group())
+        assert_sampled_logprobs_match_dense(seed, GROUPS.tp)
 
 
 CHECKS = {"all_variants": _check_all_variants, "all_padding_shard": _check_all_padding_shard,
@@ -261,6 +262,10 @@ CHECKS = {"all_variants": _check_all_variants, "all_padding_shard": _check_all_p
           "sampled_logprobs": _check_sampled_logprobs}
 
 if __name__ == "__main__":
-    from tests.distributed import run_checks
+    from tests.support.distributed import run_checks
 
-    run_checks(CHECKS, setup=lambda: initialize(Layout(tp=dist.get_world_size())))
+    def setup() -> None:
+        global GROUPS
+        GROUPS = initialize(Layout(tp=dist.get_world_size()))
+
+    run_checks(CHECKS, setup=setup)

@@ -17,8 +17,8 @@ from megatron_opsd.models.bridge import load_hf_weights, model_hf_tensors, stage
 from megatron_opsd.models.forward import forward_only
 from megatron_opsd.models.hf_io import copy_non_weight_files
 from megatron_opsd.parallel import Layout, initialize
-from tests.distributed import run_checks, workdir_arg
-from tests.tiny_models import CONFIGS, save_tiny_model
+from tests.support.distributed import run_checks, workdir_arg
+from tests.support.tiny_models import CONFIGS, save_tiny_model
 
 TOL = 1e-4
 BATCH, SEQ = 2, 24
@@ -63,10 +63,10 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 
 def check_parity(layout: Layout) -> None:
     """Logits (gathered and vocab-parallel), hidden states, output weight and export vs transformers."""
-    initialize(layout)
+    groups = initialize(layout)
     for name in CONFIGS:
         ref_logits, ref_hidden, ref_state = hf_reference(name)
-        chunks = build_model(hf_dir(name))
+        chunks = build_model(hf_dir(name), groups=groups)
         load_hf_weights(chunks, hf_dir(name))
         (model,) = chunks
         assert (model.true_vocab_size, model.padded_vocab_size) == (
@@ -129,8 +129,8 @@ def check_parity_pp2() -> None:
 def check_packed_equals_separate() -> None:
     """Two sequences packed in one row (block-diagonal mask, positions restart) give the same
     logits as each sequence alone, at TP=2."""
-    initialize(Layout(2, 1))
-    chunks = build_model(hf_dir("qwen2"))
+    groups = initialize(Layout(2, 1))
+    chunks = build_model(hf_dir("qwen2"), groups=groups)
     load_hf_weights(chunks, hf_dir("qwen2"))
     (model,) = chunks
     ids = batch()["input_ids"][:1]
@@ -148,8 +148,8 @@ def check_packed_equals_separate() -> None:
 
 def check_position_ids_drive_rope() -> None:
     """Gapped position ids (RoPE is shift-invariant, gaps are not) match transformers at TP=2."""
-    initialize(Layout(2, 1))
-    chunks = build_model(hf_dir("llama"))
+    groups = initialize(Layout(2, 1))
+    chunks = build_model(hf_dir("llama"), groups=groups)
     load_hf_weights(chunks, hf_dir("llama"))
     b = batch()
     gaps = torch.randint(1, 4, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
@@ -169,7 +169,7 @@ def check_cpu_platform_and_seeds() -> None:
     stream is shared (Megatron's seeding semantics, here on the CPU generator)."""
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    platform = initialize(Layout(2, 1), seed=7)
+    platform = initialize(Layout(2, 1), seed=7).platform
     assert (platform.backend, platform.device.type) == ("gloo", "cpu")
     assert torch.zeros(2, device="cuda").device.type == "cpu"
     assert torch.ones(1).cuda().device.type == "cpu"
@@ -185,15 +185,15 @@ def check_cpu_platform_and_seeds() -> None:
 def check_checkpoint_reshard() -> None:
     """Saved at TP=2, loaded at TP=1 and PP=2: same logits as transformers."""
     ref_logits, _, _ = hf_reference("llama")
-    initialize(Layout(2, 1))
-    chunks = build_model(hf_dir("llama"))
+    groups = initialize(Layout(2, 1))
+    chunks = build_model(hf_dir("llama"), groups=groups)
     load_hf_weights(chunks, hf_dir("llama"))
     ckpt = WORK / "ckpt_llama_tp2"
     checkpoint.save(chunks, ckpt, hf_files_from=hf_dir("llama"))
     assert json.loads((ckpt / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     for layout in (Layout(1, 1), Layout(1, 2)):
-        initialize(layout)
-        chunks = build_model(checkpoint.hf_config_dir(ckpt))
+        groups = initialize(layout)
+        chunks = build_model(checkpoint.hf_config_dir(ckpt), groups=groups)
         checkpoint.load(chunks, ckpt)
         logits = forward_only(chunks, [batch()], gather_logits=True)
         if ps.is_pipeline_last_stage():
@@ -204,13 +204,13 @@ def check_roundtrip_bitwise() -> None:
     """HF -> Megatron (TP=2) -> dist checkpoint -> Megatron (PP=2) -> HF: identical tensors, equal config."""
     for name in CONFIGS:
         src = hf_dir(name)
-        initialize(Layout(2, 1))
-        chunks = build_model(src)
+        groups = initialize(Layout(2, 1))
+        chunks = build_model(src, groups=groups)
         load_hf_weights(chunks, src)
         ckpt = WORK / f"rt_{name}_ckpt"
         checkpoint.save(chunks, ckpt, hf_files_from=src)
-        initialize(Layout(1, 2))
-        chunks = build_model(checkpoint.hf_config_dir(ckpt))
+        groups = initialize(Layout(1, 2))
+        chunks = build_model(checkpoint.hf_config_dir(ckpt), groups=groups)
         checkpoint.load(chunks, ckpt)
         out = WORK / f"rt_{name}_hf"
         write_hf_model(chunks, out, lambda tmp, ckpt=ckpt: copy_non_weight_files(checkpoint.hf_config_dir(ckpt), tmp),

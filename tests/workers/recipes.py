@@ -20,7 +20,7 @@ from megatron_opsd.parallel import Layout, initialize
 from megatron_opsd.tracking import read_metrics
 from megatron_opsd.train.config import TrainConfig
 from megatron_opsd.train.loop import train
-from tests.distributed import run_checks, workdir_arg
+from tests.support.distributed import run_checks, workdir_arg
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = {"qwen3_1p7b_paper": "qwen3_1p7b", "qwen3_4b_paper": "qwen3_4b", "qwen3_8b_paper": "qwen3_8b",
@@ -77,12 +77,12 @@ def check_twin_converts_bitwise(recipe: str) -> None:
         AutoModelForCausalLM.from_config(AutoConfig.for_model(**twin_config(model)), dtype=torch.float32) \
             .save_pretrained(hf_dir)
     dist.barrier()
-    initialize(Layout(2, 1))
-    chunks = build_model(hf_dir)
+    groups = initialize(Layout(2, 1))
+    chunks = build_model(hf_dir, groups=groups)
     load_hf_weights(chunks, hf_dir)
     checkpoint.save(chunks, out, hf_files_from=hf_dir, overwrite=True)
-    initialize(Layout(1, 2))
-    chunks = build_model(out / "hf")
+    groups = initialize(Layout(1, 2))
+    chunks = build_model(out / "hf", groups=groups)
     checkpoint.load(chunks, out)
     exported = dict(model_hf_tensors(chunks))
     if dist.get_rank() == 0:

@@ -6,7 +6,7 @@ import torch
 
 from megatron_opsd.train.components import build_components
 from megatron_opsd.train.loop import Trainer, train
-from tests.distributed import run_checks
+from tests.support.distributed import run_checks
 from tests.workers.trainer_common import RESUME, assert_close, config, full_grads, losses, save_json, work_path
 
 

@@ -13,8 +13,8 @@ import os
 import signal
 
 from megatron_opsd.train.loop import train
-from tests.distributed import run_checks
-from tests.engines import failing_engine
+from tests.support.distributed import run_checks
+from tests.support.engines import failing_engine
 from tests.workers.trainer_common import RESUME, config, losses, save_json, work_path
 
 RUN = work_path("resumed")

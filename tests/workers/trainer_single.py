@@ -5,15 +5,14 @@ from __future__ import annotations
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-from megatron_opsd.algorithms.opsd import TeacherState
+from megatron_opsd.algorithms.opsd.teacher import Teacher, TeacherConfig, TeacherState
 from megatron_opsd.models import build_model
-from megatron_opsd.opsd.teacher import Teacher, TeacherConfig
 from megatron_opsd.parallel import Layout, initialize
 from megatron_opsd.train.components import Components, build_components
 from megatron_opsd.train.loop import Trainer
 from megatron_opsd.train.step import NonFiniteError
-from tests.distributed import run_checks
-from tests.tiny_models import CONFIGS
+from tests.support.distributed import run_checks
+from tests.support.tiny_models import CONFIGS
 from tests.workers.trainer_common import assert_close, config, full_grads, full_params, work_path
 
 # One micro-batch of seven samples; the small default budget packs the same samples into several.
@@ -177,13 +176,13 @@ def check_embedding_gradient_is_sparse_under_ddp_and_lands_in_main_grad():
     torch.testing.assert_close(weight.main_grad, expected, rtol=1e-6, atol=1e-6)
     assert weight.grad is None  # DDP's hook added it and let it go
     # Outside DDP (the engine's and a teacher's models) the lookup is Megatron's dense one.
-    (bare,) = build_model(CONFIGS["qwen3"], torch.float32)
+    (bare,) = build_model(CONFIGS["qwen3"], torch.float32, groups=c.groups)
     assert _lookups_sparse(bare.embedding.word_embeddings(ids)) == [False]
 
 
 def check_ema_teacher_of_a_bf16_model_checkpoints_its_fp32_average():
-    initialize(Layout())
-    chunks = build_model(CONFIGS["qwen3"], torch.bfloat16)
+    groups = initialize(Layout())
+    chunks = build_model(CONFIGS["qwen3"], torch.bfloat16, groups=groups)
     teacher = Teacher(TeacherConfig(mode="ema"), list(chunks[0].parameters()))
     shards = TeacherState(teacher, chunks).sharded_state_dict()["weights"]
     tensors = [sh for sh in shards.values() if isinstance(sh, ShardedTensor)]

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_opsd.train.components import build_components
-from tests.distributed import run_checks
-from tests.processes import VLLM_PYTHON
+from tests.support.distributed import run_checks
+from tests.support.processes import VLLM_PYTHON
 from tests.workers.trainer_common import config, work_path
 
 SERVER = (f"rollout.engine={{kind: vllm, servers: {{count: 1, command: [{VLLM_PYTHON}, -m, "

@@ -18,7 +18,7 @@ from megatron_opsd.rollout.engine import ProbeMismatchError
 from megatron_opsd.rollout.sglang.client import Server
 from megatron_opsd.rollout.sync.distributed import Bucket, DistributedSync, WeightGroupError
 from megatron_opsd.train.components import Components, build_components
-from tests.distributed import run_checks
+from tests.support.distributed import run_checks
 from tests.workers.trainer_common import config, full_params, work_path
 
 STAND_INS = ("rollout.engine={kind: sglang, servers: {count: 2, command: [python, -m, megatron_opsd.cli, serve]}, "

@@ -1,4 +1,4 @@
-"""``opsd serve``: start the CPU stand-in for an SGLang server (``rollout/sglang/standin.py``).
+"""``opsd serve``: start the CPU test double of an SGLang server (``rollout/sglang/double``).
 
 Its flags are ``sglang.launch_server``'s for what the stand-in supports, so a fleet starts either
 with the same command line; the others it accepts and ignores (``--mem-fraction-static``,
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from megatron_opsd.errors import UserError
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -33,19 +35,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--nccl-port", type=int, default=None, help="accepted for compatibility; unused (no NCCL)")
     p.add_argument("--base-gpu-id", type=int, default=None, help="accepted for compatibility; unused (CPU)")
     p.add_argument("--log-level", dest="server_log_level", default="warning", help="uvicorn's log level")
-    p.set_defaults(func=run, user_errors=(FileNotFoundError,))
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
-    from megatron_opsd.rollout.sglang.standin import StandIn, build_app
+    from megatron_opsd.rollout.sglang.double import Scheduler, build_app
 
     if args.tp_size != 1:
-        raise FileNotFoundError(f"--tp-size {args.tp_size}: the stand-in serves one process (tp 1) only")
+        raise UserError(f"--tp-size {args.tp_size}: the stand-in serves one process (tp 1) only")
     if not (Path(args.model_path) / "config.json").is_file():
-        raise FileNotFoundError(f"--model-path {args.model_path}: no config.json there")
+        raise UserError(f"--model-path {args.model_path}: no config.json there")
     dtype = "float32" if args.dtype == "auto" else args.dtype
     cfg = EmbeddedEngineConfig(max_batch_size=args.max_running_requests, dtype=dtype)
     if args.load_format == "dummy":
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         engine = EmbeddedEngine.from_hf_config(AutoConfig.from_pretrained(args.model_path), cfg)
     else:
         engine = EmbeddedEngine.from_pretrained(args.model_path, cfg)
-    state = StandIn(engine, args.model_path, args.weight_version, args.max_running_requests, args.gather_ms / 1000,
+    state = Scheduler(engine, args.model_path, args.weight_version, args.max_running_requests, args.gather_ms / 1000,
                     args.load_format, deterministic=args.enable_deterministic_inference)
     uvicorn.run(build_app(state, args.api_key, args.tp_size), host=args.host, port=args.port,
                 log_level=args.server_log_level.lower(), access_log=False)

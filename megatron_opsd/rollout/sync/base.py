@@ -24,7 +24,6 @@ from typing import Literal, Protocol
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.utils import unwrap_model
 from pydantic import Field
@@ -39,9 +38,8 @@ from megatron_opsd.section import Section
 
 class SyncConfig(Section):
     kind: Literal["inprocess", "disk", "distributed", "none"] = Field(
-        default="inprocess", description="inprocess: stream the weights into the embedded engine in rank 0's "
-        "process (synced every step without rollouts ahead, it reads the trainer's own parameters instead of a "
-        "copy); disk: an HF directory per version that every server loads (rollout.engine.kind sglang); "
+        default="inprocess", description="inprocess: the embedded engine in rank 0's process takes the "
+        "trainer's weights directly; disk: an HF directory per version that every server loads (rollout.engine.kind sglang); "
         "distributed: broadcast from the trainer to every server (sglang: buckets from each pipeline stage; vllm: its "
         "weight-transfer protocol, rollout.engine.servers.weight_transfer); none: the engine's "
         "rollouts do not depend on the trainer's weights (recorded rollouts)")
@@ -50,7 +48,7 @@ class SyncConfig(Section):
         default=1e-2, gt=0, description="max |engine - trainer| log-prob on the probe sequence after a sync "
         "(fp32 agrees to ~1e-5; bf16 needs more)")
     probe_tokens: int = Field(default=16, ge=2, description="length of the probe sequence (a training prompt + its "
-                              "solution); each position's log-prob already depends on every weight")
+                              "solution) whose log-probs engine and trainer compare after each sync")
     dir: str | None = Field(
         default=None, description="disk: where each version's HF directory is written, a path the servers read "
         "too; distributed: where a version is written to restart a server from; default: run_dir/weights")
@@ -79,14 +77,16 @@ class WeightSync(Protocol):
 class ProbeCheck:
     """The engine's log-probs of ``ids`` against the trainer's forward (collective over the trainer).
 
-    ``temperature`` is the one the engine reports log-probs at; ``ids`` are cut to a multiple of
+    A short sequence suffices: each position's log-prob already depends on every weight, so a
+    weight that arrived wrong, or under the wrong name, moves them all. ``temperature`` is the one the engine reports log-probs at; ``ids`` are cut to a multiple of
     the TP size (sequence parallelism splits the sequence by it).
     """
 
     def __init__(self, chunks: Sequence[torch.nn.Module], ids: Sequence[int], temperature: float, tolerance: float,
                  vocab_size: int):
-        tp = parallel_state.get_tensor_model_parallel_world_size()
         self.chunks = [unwrap_model(c) for c in chunks]
+        self.groups = self.chunks[0].groups
+        tp = self.groups.tp_size
         self.ids = list(ids)[:len(ids) - len(ids) % tp]
         self.temperature, self.tolerance, self.vocab_size = temperature, tolerance, vocab_size
         device = next(self.chunks[0].parameters()).device
@@ -108,8 +108,8 @@ class ProbeCheck:
             hidden = out[0][0]
             if last.config.sequence_parallel:  # this rank's part of the sequence
                 hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-            trainer = token_logprobs(hidden[:-1], last.output_weight(), tokens[0, 1:],
-                                     vocab_size=self.vocab_size, temperature=temperature, chunk_size=16).cpu()
+            trainer = token_logprobs(hidden[:-1], last.output_weight(), tokens[0, 1:], vocab_size=self.vocab_size,
+                                     groups=self.groups, temperature=temperature, chunk_size=16).cpu()
             worst.fill_(float((trainer - from_engine).abs().max()))
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         if not worst <= self.tolerance:

@@ -46,7 +46,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from megatron.core.utils import unwrap_model
 from torch.distributed.distributed_c10d import _abort_process_group
 
@@ -187,8 +186,12 @@ class BroadcastSync:
                 log.warning("could not destroy an abandoned weight group", exc_info=True)
         self.abandoned = []
 
-    def _pushing(self) -> AbstractContextManager:
-        """What holds for the whole of one push (from its connection to its recovery)."""
+    def _forget_last_push(self) -> None:
+        """Clear what a push records of its failures, before the next one."""
+
+    def _requests_held(self) -> AbstractContextManager:
+        """What holds for the whole of one push, from its connection to its recovery (vLLM: no
+        generation request is sent while the servers' weights change)."""
         return nullcontext()
 
     def _connect(self) -> None:
@@ -204,7 +207,8 @@ class BroadcastSync:
 
     def push(self, version: int) -> dict[str, float]:
         start = time.perf_counter()
-        with self._pushing():
+        self._forget_last_push()
+        with self._requests_held():
             healthy = broadcast_from_rank0(lambda: not self.engine.fleet.dead())
             sent = healthy and self._try_connect() and self._send(version)
             restarted = 0 if sent else self._recover(version)
@@ -276,8 +280,9 @@ class DistributedSync(BroadcastSync):
             log.info("weight groups over NCCL %s (every server must run the same version)", nccl_version())
         self._destroy_abandoned()
         mine = None
-        if is_stage_sender():
-            stage = ps.get_pipeline_model_parallel_rank()
+        groups = self.chunks[0].groups
+        if is_stage_sender(groups):
+            stage = groups.pp_rank
             port = self._port(stage)
             mine = (Sender(stage, self.address, port),
                     stage_hf_shapes(self.chunks))
@@ -333,15 +338,14 @@ class DistributedSync(BroadcastSync):
 
     # -- push ------------------------------------------------------------------------------------
 
-    def _pushing(self) -> AbstractContextManager:
+    def _forget_last_push(self) -> None:
         self.failed, self.stuck = set(), set()
-        return nullcontext()
 
     def _send(self, version: int) -> bool:
         """Send every bucket (collective); False when a server or sender failed (the push stopped there)."""
         if not self._all_ok(True, self._fire(lambda server, _: _open_session(server))):
             return False
-        my_stage = ps.get_pipeline_model_parallel_rank()
+        my_stage = self.chunks[0].groups.pp_rank
         stream: Iterator | None = None
         for bucket in self.buckets:
             pending = self._fire(lambda server, _, b=bucket: self.request_bucket(server, b, version))

@@ -41,7 +41,6 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from torch.distributed import ProcessGroup
 
 from megatron_opsd.models.bridge import is_stage_sender, stage_hf_shapes, stage_hf_tensors
@@ -186,18 +185,20 @@ class VLLMTransferSync(BroadcastSync):
         self.senders: list[int] = []  # every stage's sender's global rank
         self.opened = False  # an update was opened on the servers in this push
 
-    def _pushing(self) -> AbstractContextManager:
+    def _forget_last_push(self) -> None:
+        self.opened = False
+
+    def _requests_held(self) -> AbstractContextManager:
         """No request is sent to the servers while their weights change (and a reply sampled
         across the change is asked again)."""
-        self.opened = False
         return self.engine.syncing() if self.engine is not None else nullcontext()
 
     # -- the transfer group ----------------------------------------------------------------------
 
     def _connect(self) -> None:
         """Learn every stage's tensors and sender, and (rank 0) join every server (collective)."""
-        mine = (ps.get_pipeline_model_parallel_rank(), dist.get_rank(), stage_hf_shapes(self.chunks)) \
-            if is_stage_sender() else None
+        groups = self.chunks[0].groups
+        mine = (groups.pp_rank, dist.get_rank(), stage_hf_shapes(self.chunks)) if is_stage_sender(groups) else None
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
         stages = sorted(g for g in gathered if g is not None)
@@ -268,7 +269,7 @@ class VLLMTransferSync(BroadcastSync):
                     log.exception("the broadcast of a tensor of stage %d failed", stage)
                     ok = False
 
-        if stage == ps.get_pipeline_model_parallel_rank():
+        if stage == self.chunks[0].groups.pp_rank:
             for _, tensor in stage_hf_tensors(self.chunks, self.dtype, placeholders=True):
                 if rank == 0:
                     deliver(tensor)

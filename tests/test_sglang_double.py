@@ -3,7 +3,6 @@ the client builds and parses them, and ``opsd serve`` (in process, FastAPI's tes
 in them, with SGLang's status codes and blocking behaviour."""
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -16,39 +15,17 @@ from safetensors.torch import load_file, save_file
 from megatron_opsd.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 from megatron_opsd.rollout.engine import SamplingParams
 from megatron_opsd.rollout.sglang.client import Server
+from megatron_opsd.rollout.sglang.double import Scheduler, build_app
 from megatron_opsd.rollout.sglang.protocol import (
     MalformedReplyError,
     generate_request,
     parse_generate,
     parse_input_logprobs,
 )
-from megatron_opsd.rollout.sglang.standin import StandIn, build_app
-from tests.tiny_models import save_tiny_model
+from tests.support.sglang_contract import assert_shape, fixture
+from tests.support.tiny_models import save_tiny_model
 
-FIXTURES = Path(__file__).parent / "fixtures" / "sglang"
 KEY = "test-key"
-
-
-def fixture(name: str):
-    return json.loads((FIXTURES / f"{name}.json").read_text())
-
-
-def assert_shape(got, want, where: str = "") -> None:
-    """``got`` has every key of ``want`` (recursively) with a value of the same JSON type."""
-    if isinstance(want, dict):
-        assert isinstance(got, dict), f"{where}: {got!r} is not an object"
-        for key, value in want.items():
-            assert key in got, f"{where}: no key {key!r} in {sorted(got)}"
-            assert_shape(got[key], value, f"{where}.{key}")
-    elif isinstance(want, list):
-        assert isinstance(got, list), f"{where}: {got!r} is not a list"
-        if want and got:
-            assert_shape(got[0], want[0], f"{where}[0]")
-    elif want is not None and got is not None:
-        number = (int, float)
-        same = isinstance(got, number) if isinstance(want, number) and not isinstance(want, bool) else \
-            type(got) is type(want)
-        assert same, f"{where}: {got!r} is not like {want!r}"
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +35,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def served(model_dir):
-    state = StandIn(EmbeddedEngine.from_pretrained(model_dir, EmbeddedEngineConfig(max_batch_size=8)), str(model_dir),
+    state = Scheduler(EmbeddedEngine.from_pretrained(model_dir, EmbeddedEngineConfig(max_batch_size=8)), str(model_dir),
                     "0", max_batch_size=8, deterministic=True)
     with TestClient(build_app(state, KEY)) as client:
         client.headers["Authorization"] = f"Bearer {KEY}"
@@ -105,7 +82,7 @@ def test_client_names_what_is_wrong_in_a_reply(corrupt, message):
 
 # -- the stand-in's side ------------------------------------------------------------------------
 
-def test_standin_answers_in_sglangs_shapes(served, model_dir):
+def test_the_double_answers_in_sglangs_shapes(served, model_dir):
     client, _ = served
     reply = client.post("/generate", json=body(rid="run-c000000-s000000-a01"))
     assert reply.status_code == 200
@@ -153,7 +130,7 @@ def test_sampling_seeds_are_honoured_only_with_deterministic_inference(model_dir
     """As SGLang: without --enable-deterministic-inference a request's sampling_seed is ignored; with it a
     request without one is seeded with 42."""
     def outputs(deterministic: bool, *seeds: int | None) -> list[list[int]]:
-        state = StandIn(EmbeddedEngine.from_pretrained(model_dir, EmbeddedEngineConfig()), str(model_dir), "0", 8,
+        state = Scheduler(EmbeddedEngine.from_pretrained(model_dir, EmbeddedEngineConfig()), str(model_dir), "0", 8,
                         deterministic=deterministic)
         with TestClient(build_app(state, None)) as client:
             got = []
@@ -179,7 +156,7 @@ def test_health_runs_a_generation_unless_sglangs_variable_says_not_to(model_dir,
     monkeypatch.setenv("SGLANG_HEALTH_CHECK_TIMEOUT", "2")
     for generation, paused_status in (("1", 503), ("0", 200)):
         monkeypatch.setenv("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", generation)
-        state = StandIn(EmbeddedEngine.from_pretrained(model_dir, EmbeddedEngineConfig()), str(model_dir), "0", 8)
+        state = Scheduler(EmbeddedEngine.from_pretrained(model_dir, EmbeddedEngineConfig()), str(model_dir), "0", 8)
         with TestClient(build_app(state, None)) as client:
             assert client.get("/health").status_code == 200
             client.post("/pause_generation", json={"mode": "abort"})
@@ -200,7 +177,7 @@ def test_unknown_sampling_key_is_a_400(served):
 
 
 def test_every_endpoint_but_health_wants_the_key(model_dir):
-    state = StandIn(EmbeddedEngine.from_pretrained(model_dir, EmbeddedEngineConfig()), str(model_dir), "0", 8)
+    state = Scheduler(EmbeddedEngine.from_pretrained(model_dir, EmbeddedEngineConfig()), str(model_dir), "0", 8)
     with TestClient(build_app(state, KEY)) as client:
         assert client.get("/health").status_code == 200  # as in SGLang: the router probes it without a key
         for method, path in [("POST", "/generate"), ("GET", "/model_info"), ("POST", "/pause_generation"),
@@ -230,7 +207,7 @@ def test_generate_blocks_while_paused(served):
     assert out["value"].json()["meta_info"]["finish_reason"]["type"] in ("stop", "length")
 
 
-def _running(state: StandIn) -> None:
+def _running(state: Scheduler) -> None:
     deadline = time.monotonic() + 30
     while not state.running:
         assert time.monotonic() < deadline, "the request never started"
@@ -286,7 +263,7 @@ def test_failed_disk_update_rolls_back(served, tmp_path):
 def test_a_server_started_with_dummy_weights_loads_a_directory_only_with_a_load_format(model_dir):
     """SGLang defaults an update's load_format to the server's --load-format: with ``dummy`` it has
     no loader for a directory (found by vLLM, whose reload refuses the same; the client names ``auto``)."""
-    state = StandIn(EmbeddedEngine.from_pretrained(model_dir, EmbeddedEngineConfig()), str(model_dir), "0", 8,
+    state = Scheduler(EmbeddedEngine.from_pretrained(model_dir, EmbeddedEngineConfig()), str(model_dir), "0", 8,
                     load_format="dummy")
     with TestClient(build_app(state, None)) as client:
         reply = client.post("/update_weights_from_disk", json={"model_path": str(model_dir), "weight_version": "1"})

@@ -1,12 +1,14 @@
 """Multi-rank test harness: one torchrun launch runs many checks in shared processes.
 
 A worker module defines check functions and ends with ``run_checks(CHECKS)``; a pytest module
-launches it once (module-scoped fixture, see ``launch``) and turns each check into one test.
-Process start-up with torch and Megatron imports costs seconds, so checks share the launch.
+turns it into one test per check with ``test_x = torchrun_checks("tests.workers.x", nproc)``, and
+the first of those tests launches the worker for all of them. Process start-up with torch and
+Megatron imports costs seconds, so checks share the launch.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import signal
@@ -15,15 +17,16 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
+import pytest
 import torch.distributed as dist
 
 from megatron_opsd.platform import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def launch(module: str, nproc: int, out_dir: Path, *args: str, timeout: float = 900) -> dict[str, dict]:
@@ -49,6 +52,37 @@ def launch(module: str, nproc: int, out_dir: Path, *args: str, timeout: float = 
     if not out.exists():
         raise RuntimeError(f"{module} wrote no results (exit {proc.returncode}):\n{output[-12000:]}")
     return json.loads(out.read_text())
+
+
+def torchrun_checks(module: str, nproc: int, args: Callable[[Path], Sequence[str]] | None = None,
+                    *, timeout: float = 900) -> Callable:
+    """A pytest test with one case per check in ``module.CHECKS``, all answered by one launch.
+
+    ``args(work)`` prepares the launch's work directory and returns the worker's extra arguments
+    (default: ``--workdir WORK``). The launch's results, or the error that stopped it, are kept for
+    the session, so a broken worker fails each check with its error once, not once per check.
+    """
+    checks = list(importlib.import_module(module).CHECKS)
+
+    @pytest.mark.parametrize("check", checks)
+    def test(check: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+        key = (module, nproc)
+        if key not in _LAUNCHES:
+            work = tmp_path_factory.mktemp(module.rsplit(".", 1)[-1])
+            extra = ("--workdir", str(work)) if args is None else args(work)
+            try:
+                _LAUNCHES[key] = launch(module, nproc, work, *extra, timeout=timeout)
+            except Exception as error:  # noqa: BLE001 - kept and re-raised for every check
+                _LAUNCHES[key] = error
+        results = _LAUNCHES[key]
+        if isinstance(results, Exception):
+            raise results
+        assert_check(results, check)
+
+    return test
+
+
+_LAUNCHES: dict[tuple[str, int], dict[str, dict] | Exception] = {}
 
 
 def _end_session(proc: subprocess.Popen, grace_s: float = 5.0) -> list[str]:

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from tests.distributed import assert_check, launch
-from tests.tiny_models import save_tiny_model
+from tests.support.distributed import assert_check, launch
+from tests.support.tiny_models import save_tiny_model
 from tests.workers.trainer_common import write_inputs
 
 

@@ -29,6 +29,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from megatron_opsd.fileio import CheckpointError
+from megatron_opsd.models.checkpoint import shadow_sharded_state_dict
 from megatron_opsd.section import Section
 
 SWAP_BLOCK = 1 << 20  # elements per step of the exchange of model and teacher weights
@@ -169,3 +171,30 @@ class Teacher:
         """Wait for the queued copies into an offloaded set (before the host reads or writes it)."""
         if self._offloaded:
             torch.cuda.current_stream().synchronize()
+
+
+class TeacherState:
+    """The teacher's weights as a checkpoint part: the model's sharded tensors re-pointed at the
+    teacher's (keys ``teacher.*``), so they reshard across layouts like the model; and its mode."""
+
+    def __init__(self, teacher: Teacher, chunks: Sequence[torch.nn.Module]):
+        self.teacher, self.chunks = teacher, chunks
+
+    def _shards(self) -> dict:
+        tensors = self.teacher.state_tensors()
+        return {} if tensors is None else shadow_sharded_state_dict(self.chunks, self.teacher.params, tensors,
+                                                                    prefix="teacher.")
+
+    def sharded_state_dict(self, is_loading: bool = False) -> dict:
+        return {"mode": self.teacher.cfg.mode, "weights": self._shards()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if state["mode"] != self.teacher.cfg.mode:
+            raise CheckpointError(f"the checkpoint's teacher mode is {state['mode']!r}, the run's {self.teacher.cfg.mode!r}")
+        targets = {name: shard.data for name, shard in self._shards().items()}
+        for name, value in state["weights"].items():
+            if value.data_ptr() != targets[name].data_ptr():  # torch_dist usually loads in place
+                targets[name].copy_(value)
+        if targets:
+            self.teacher.after_load()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-VLLM_PYTHON = Path(os.environ.get("OPSD_VLLM_PYTHON", Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"))
+VLLM_PYTHON = Path(os.environ.get("OPSD_VLLM_PYTHON", Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"))
 
 
 def processes_matching(*words: str) -> list[int]:

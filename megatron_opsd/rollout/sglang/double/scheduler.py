@@ -1,43 +1,8 @@
-"""The CPU stand-in for an SGLang 0.5.23 server (``opsd serve``), backed by the embedded engine.
-
-It speaks the subset of SGLang's HTTP API the product uses, with SGLang's JSON shapes, status codes
-and blocking behaviour (``rollout/sglang/protocol.py`` and the notes behind it): ``/generate``
-(single and batch; blocks while paused; an aborted request is a 200 with its partial tokens and
-finish reason ``abort``; an unknown ``sampling_params`` key is a 400), ``/pause_generation``
-(``abort``: nothing runs when it returns; ``retract``: running requests go back to the queue and
-start again after ``/continue_generation``; ``in_place``: the running batch finishes, nothing new
-starts), ``/flush_cache`` (400 while requests run or wait), ``/abort_request`` (by rid prefix),
-``/v1/loads``, ``/model_info``, ``/server_info``, ``/update_weights_from_disk`` (a directory
-that does not fit leaves the weights as they were; without a ``load_format`` it loads with the
-server's ``--load-format``, so a server started with ``dummy`` refuses, as SGLang's does),
-``/update_weight_version``, and the
-weight-update group: ``/init_weights_update_group``, ``/begin_weight_update``,
-``/update_weights_from_distributed`` (``flattened_bucket`` too), ``/end_weight_update``,
-``/destroy_weights_update_group``. ``weight_version`` is in
-``/model_info`` and every reply's ``meta_info``. With ``--api-key`` every endpoint but
-``/health*`` and ``/metrics*`` wants ``Authorization: Bearer <key>`` (401 otherwise), as in SGLang,
-whose router probes ``/health`` without the key.
-
-Its flags are ``sglang.launch_server``'s for what it supports, so a fleet starts either with the
-same command line. Requests are batched (same sampling settings, up to ``--max-running-requests``).
-As in SGLang, a request's ``sampling_seed`` is honoured only with ``--enable-deterministic-inference``
-(42 when a request names none); then each is sampled with its own seed, as the embedded engine samples
-a seeded sequence, so a fleet of stand-ins gives the rollouts of the embedded engine. Without the
-flag every request samples from a fresh seed. Input log-probs (``logprob_start_len=0``) are the raw
-logits' ``log_softmax`` whatever the request's temperature, as SGLang's are; sampled tokens'
-log-probs are at the request's temperature. ``/health`` runs SGLang's check: unless
-``SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0``, it answers 200 once the scheduler could serve a
-one-token generation, checked every second, and 503 after ``SGLANG_HEALTH_CHECK_TIMEOUT`` (20 s)
-without (paused, or loading weights); ``/health_generate`` always does so. What it does not model:
-SGLang's radix cache and memory limits, streaming, text prompts (``--skip-tokenizer-init``
-behaviour only), tensor parallelism beyond 1 (``--tp-size`` must be 1), and ``in_place``
-freezing a running batch mid-way.
-"""
+"""The SGLang test double's server state: its request queue and batching scheduler over the
+embedded engine, pause and abort, and its weights (loads from disk and from a weight-update
+group). The HTTP routes over it are ``routes.py``."""
 from __future__ import annotations
 
-import asyncio
-import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -46,13 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from megatron_opsd.rollout.engine import SamplingParams
 from megatron_opsd.rollout.sglang.protocol import (
     GREEDY_BELOW,
-    HEALTH_GENERATION_ENV,
     SAMPLING_KEYS,
     bucket_nbytes,
     finish_reason,
@@ -60,8 +22,6 @@ from megatron_opsd.rollout.sglang.protocol import (
     unflatten_bucket,
 )
 
-log = logging.getLogger(__name__)
-VERSION = "0.5.23-opsd-standin"
 DEFAULT_SEED = 42  # SGLang's sampling_seed for a request without one under --enable-deterministic-inference
 
 
@@ -117,7 +77,7 @@ def _sampling(raw: Any, deterministic: bool) -> tuple[SamplingParams, int]:
     return params, int(seed) if seed is not None else DEFAULT_SEED
 
 
-class StandIn:
+class Scheduler:
     """The server's state: the engine, the queue, pause, weight version, weight-update groups."""
 
     def __init__(self, engine: Any, model_path: str, weight_version: str, max_batch_size: int, gather_s: float = 0.0,
@@ -302,205 +262,7 @@ def _safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, handle.get_tensor(name)
 
 
-def build_app(state: StandIn, api_key: str | None, tp_size: int = 1) -> FastAPI:
-    """The FastAPI application of the stand-in."""
-    app = FastAPI()
-    generation_health = os.environ.get(HEALTH_GENERATION_ENV, "1").lower() in ("1", "true")
-    health_timeout_s = float(os.environ.get("SGLANG_HEALTH_CHECK_TIMEOUT", "20"))
-
-    @app.middleware("http")
-    async def require_key(request: Request, call_next):
-        open_path = request.method == "OPTIONS" or request.url.path.startswith(("/health", "/metrics"))  # as SGLang
-        if api_key and not open_path and request.headers.get("authorization") != f"Bearer {api_key}":
-            return JSONResponse({"error": "Unauthorized"}, status_code=401)
-        return await call_next(request)
-
-    def ok(message: str) -> dict[str, Any]:
-        return {"success": True, "message": message}
-
-    def failed(message: str) -> JSONResponse:
-        return JSONResponse({"success": False, "message": message}, status_code=400)
-
-    async def generation_check() -> Response:
-        start = time.monotonic()
-        while time.monotonic() < start + health_timeout_s:
-            await asyncio.sleep(1)
-            if state.could_generate():
-                return Response(status_code=200)
-        return Response(status_code=503)
-
-    @app.get("/health")
-    async def health() -> Response:
-        return await generation_check() if generation_health else Response(status_code=200)
-
-    app.get("/health_generate")(generation_check)
-
-    def model_info() -> dict[str, Any]:
-        cfg = state.engine.model.config
-        return {"model_path": state.model_path, "tokenizer_path": state.model_path, "is_generation": True,
-                "preferred_sampling_params": None, "weight_version": state.weight_version,
-                "has_image_understanding": False, "has_audio_understanding": False, "model_type": cfg.model_type,
-                "architectures": getattr(cfg, "architectures", None), "served_model_name": state.model_path}
-
-    def server_info() -> dict[str, Any]:
-        return {"model_path": state.model_path, "served_model_name": state.model_path, "tp_size": tp_size,
-                "dp_size": 1, "version": VERSION, "max_total_tokens": state.engine.context_length,
-                "internal_states": [{"weight_version": state.weight_version}]}
-
-    app.get("/model_info")(model_info)
-    app.get("/get_model_info")(model_info)
-    app.get("/server_info")(server_info)
-    app.get("/get_server_info")(server_info)
-
-    @app.get("/v1/loads")
-    async def loads() -> dict[str, Any]:
-        with state.lock:
-            running, waiting = len(state.running), len(state.queue)
-        return {"timestamp": time.time(), "version": VERSION, "accelerator": "cpu", "num_accelerators": 0,
-                "loads": [{"dp_rank": 0, "num_running_reqs": running, "num_waiting_reqs": waiting,
-                           "num_used_tokens": 0, "num_total_tokens": state.engine.context_length}]}
-
-    @app.post("/generate")
-    @app.put("/generate")
-    async def generate(request: Request) -> Any:
-        body = await request.json()
-        try:
-            items, batch = _pending(body, state.engine.vocab_size, state.deterministic)
-        except UnknownKeyError as exc:  # 0.5.23's contract gate answers with a plain string
-            return JSONResponse({"error": str(exc)}, status_code=400)
-        except RequestError as exc:
-            return JSONResponse({"error": {"message": str(exc)}}, status_code=400)
-        while not state.submit(items):
-            await asyncio.sleep(0.02)
-        for p in items:
-            await asyncio.to_thread(p.done.wait)
-        if any("error" in p.reply for p in items):
-            return JSONResponse(next(p.reply for p in items if "error" in p.reply), status_code=500)
-        replies = [p.reply for p in items]
-        return replies if batch else replies[0]
-
-    @app.post("/pause_generation")
-    async def pause(request: Request) -> dict[str, Any]:
-        mode = (await _json(request)).get("mode", "abort")
-        if mode not in ("abort", "retract", "in_place"):
-            return JSONResponse({"error": {"message": f"unknown pause mode {mode!r}"}}, status_code=400)
-        await asyncio.to_thread(state.pause, mode)
-        return {"message": "Generation paused successfully.", "status": "ok"}
-
-    @app.post("/continue_generation")
-    async def resume() -> dict[str, Any]:
-        state.resume()
-        return {"message": "Generation continued successfully.", "status": "ok"}
-
-    @app.api_route("/flush_cache", methods=["GET", "POST"])
-    async def flush_cache() -> Response:
-        if state.busy():
-            return PlainTextResponse("Cache not flushed. Requests are running or waiting.\n", status_code=400)
-        return PlainTextResponse("Cache flushed.\nPlease check backend logs for more details.\n")
-
-    @app.post("/abort_request")
-    async def abort_request(request: Request) -> Response:
-        body = await _json(request)
-        state.abort(None if body.get("abort_all") else str(body.get("rid", "")))
-        return Response(status_code=200)
-
-    @app.post("/update_weights_from_disk")
-    def update_weights_from_disk(body: dict[str, Any]) -> Any:
-        if body.get("abort_all_requests"):
-            state.abort(None)
-        if (body.get("load_format") or state.load_format) == "dummy":  # SGLang defaults it to --load-format
-            return JSONResponse({"success": False, "message": "Failed to get model loader: <DummyModelLoader>.",
-                                 "num_paused_requests": 0}, status_code=400)
-        try:
-            state.load_from_disk(Path(body["model_path"]), _version(body))
-        except WeightsUnchanged as exc:  # reported as SGLang reports a load it rolled back
-            return JSONResponse({"success": False, "message": f"Failed to update weights: {exc}.\nRolling back to "
-                                 f"original weights.", "num_paused_requests": 0}, status_code=400)
-        except Exception as exc:  # noqa: BLE001 - reported; the server refuses to generate until a load succeeds
-            return JSONResponse({"success": False, "message": f"Failed to update weights: {exc}. The weights are "
-                                 f"partly updated.", "num_paused_requests": 0}, status_code=400)
-        state.model_path = body["model_path"]
-        return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
-
-    @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
-    async def get_weights_by_name(body: dict[str, Any]) -> Any:
-        try:
-            return state.weights_by_name(str(body["name"]), int(body.get("truncate_size", 100)))
-        except RequestError as exc:
-            return JSONResponse({"error": {"message": str(exc)}}, status_code=400)
-
-    @app.post("/update_weight_version")
-    async def update_weight_version(body: dict[str, Any]) -> dict[str, Any]:
-        state.weight_version = str(body["new_version"])
-        return {"success": True, "message": f"Weight version updated to {state.weight_version}",
-                "new_version": state.weight_version}
-
-    @app.post("/init_weights_update_group")
-    def init_weights_update_group(body: dict[str, Any]) -> Any:
-        from megatron_opsd.rollout.sglang.weight_group import init_weight_group
-
-        name = body.get("group_name", "weight_update_group")
-        backend = "gloo" if not torch.cuda.is_available() else body.get("backend", "nccl")
-        try:
-            state.groups[name] = init_weight_group(backend, body["master_address"], int(body["master_port"]),
-                                                   int(body["world_size"]), int(body["rank_offset"]), name)
-        except Exception as exc:  # noqa: BLE001 - the trainer side names what failed
-            return failed(f"Failed to init group: {exc}")
-        return ok("Succeeded to initialize custom process group.")
-
-    @app.post("/destroy_weights_update_group")
-    def destroy_weights_update_group(body: dict[str, Any]) -> Any:
-        from megatron_opsd.rollout.sglang.weight_group import destroy_weight_group
-
-        group = state.groups.pop(body.get("group_name", "weight_update_group"), None)
-        if group is None:
-            return failed("The group to be destroyed does not exist.")
-        destroy_weight_group(group)
-        return ok("Succeeded to destroy custom process group.")
-
-    @app.post("/begin_weight_update")
-    async def begin_weight_update() -> Any:
-        if state.session:
-            return failed("A weight update session is already open")
-        state.session = True
-        return ok("Weight update session started.")
-
-    @app.post("/end_weight_update")
-    async def end_weight_update() -> Any:
-        if not state.session:
-            return failed("No weight update session is open")
-        state.session = False
-        return ok("Weight update session ended.")
-
-    @app.post("/update_weights_from_distributed")
-    def update_weights_from_distributed(body: dict[str, Any]) -> Any:
-        if not state.session:
-            return failed("update_weights_from_distributed needs a session: call /begin_weight_update first")
-        group = state.groups.get(body.get("group_name", "weight_update_group"))
-        if group is None:
-            return failed(f"Group {body.get('group_name')} not found: call /init_weights_update_group first")
-        try:
-            tensors = _receive(group, body["names"], body["dtypes"], body["shapes"], body.get("load_format"))
-            state.load(iter(tensors), _version(body), partial=True)
-        except Exception as exc:  # noqa: BLE001 - partial weights: the trainer must restart this server
-            return failed(f"Failed to update parameter online: {exc}. The full weights of the ModelRunner are "
-                          f"partially updated. Please discard the whole weights.")
-        return ok("Succeeded to update parameter online.")
-
-    return app
-
-
-async def _json(request: Any) -> dict[str, Any]:
-    raw = await request.body()
-    return (await request.json()) if raw else {}
-
-
-def _version(body: dict[str, Any]) -> str | None:
-    version = body.get("weight_version")
-    return None if version is None else str(version)
-
-
-def _pending(body: dict[str, Any], vocab_size: int, deterministic: bool) -> tuple[list[Pending], bool]:
+def pending_samples(body: dict[str, Any], vocab_size: int, deterministic: bool) -> tuple[list[Pending], bool]:
     """The samples of a /generate body, and whether it was a batch."""
     ids = body.get("input_ids")
     if not isinstance(ids, list) or not ids:
@@ -526,7 +288,7 @@ def _pending(body: dict[str, Any], vocab_size: int, deterministic: bool) -> tupl
     return items, batch
 
 
-def _receive(group: Any, names: list[str], dtypes: list[str], shapes: list[list[int]],
+def receive_bucket(group: Any, names: list[str], dtypes: list[str], shapes: list[list[int]],
              load_format: str | None) -> list[tuple[str, torch.Tensor]]:
     """The tensors the trainer broadcasts over ``group`` (from its rank 0), as SGLang receives them:
     one buffer per bucket (``flattened_bucket``) or one broadcast per tensor."""

@@ -10,7 +10,7 @@ from megatron_opsd.config import load_config
 from megatron_opsd.tracking import read_metrics
 from megatron_opsd.train.config import TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_config(tmp_path: Path, hf_dir: Path, **top) -> Path:
